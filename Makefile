@@ -1,0 +1,37 @@
+# The two commands a fresh machine needs: `make demo` and `make test`. Both create .venv if missing
+# and install stepjax with its pinned constraints first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# Sharding tests see 8 fake CPU devices.
+TEST_XLA_FLAGS := --xla_force_host_platform_device_count=8
+
+.PHONY: demo test bench lock clean
+
+$(STAMP): setup.py constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m benchmarks.credit
+	@echo
+	@echo "The training demo (SFT warm start + StepPO vs token-level PPO vs GRPO on the embedded default"
+	@echo "environment) arrives with the learner; until then \`make demo\` runs the credit-assignment benchmark."
+
+test: $(STAMP)
+	XLA_FLAGS=$(TEST_XLA_FLAGS) $(PY) -m pytest tests
+
+bench: $(STAMP)
+	$(PY) -m benchmarks.credit --markdown BENCHMARKS.credit.md
+
+# Re-pin constraints.txt from what is installed in .venv.
+lock: $(STAMP)
+	( echo "# Pinned versions known to install and pass the suite on CPU with Python 3.11 (pip constraints file)."; \
+	  echo "# Regenerate: make lock (after changing setup.py)."; \
+	  $(PY) -m pip freeze | grep -v '^-e' | sed 's/+cpu$$//' | sort -f ) > constraints.txt
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

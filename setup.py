@@ -1,0 +1,30 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="stepjax",
+    version="0.1.0",
+    description="Step-level agentic reinforcement learning of language-model agents, natively in JAX/Flax.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["stepjax", "stepjax.*"]),
+    install_requires=[
+        "jax",
+        "jaxlib",
+        "flax",
+        "optax",
+        "orbax-checkpoint",
+        "chex",
+        "tensorflow-datasets",
+        "ml-collections",
+        "absl-py",
+        "numpy",
+        "safetensors",
+        "tokenizers",
+    ],
+    extras_require={
+        # torch + transformers only as references for parity tests and side-by-side benchmarks.
+        "test": ["pytest", "pytest-xdist", "hypothesis", "torch", "transformers"],
+        "dev": ["ruff"],
+    },
+)

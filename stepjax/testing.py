@@ -1,0 +1,64 @@
+"""Random but valid `EpisodeBatch`es for tests and benchmarks (numpy, host side)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from stepjax.types import EpisodeBatch
+
+
+def random_episode_batch(
+    seed: int,
+    batch_size: int = 8,
+    max_len: int = 96,
+    max_steps: int = 6,
+    *,
+    vocab_size: int = 50,
+    max_prompt: int = 8,
+    max_action: int = 6,
+    max_obs: int = 5,
+    num_groups: int | None = None,
+    fill: bool = False,
+    reward_density: float = 0.5,
+) -> EpisodeBatch:
+  """A ragged batch: random prompt, step and observation lengths, random step counts (0 included unless
+  `fill`), a mix of terminated, truncated and (rarely) neither. `fill=True` gives every episode `max_steps`
+  steps when they fit. Observations may be empty. Group ids lie in [0, num_groups)."""
+  rng = np.random.default_rng(seed)
+  b, l, s = batch_size, max_len, max_steps
+  num_groups = num_groups or max(1, b // 2)
+  tokens = np.zeros((b, l), np.int32)
+  step_ids = np.full((b, l), -1, np.int32)
+  logprobs = np.zeros((b, l), np.float32)
+  step_start = np.zeros((b, s), np.int32)
+  step_len = np.zeros((b, s), np.int32)
+  step_rewards = np.zeros((b, s), np.float32)
+  step_mask = np.zeros((b, s), bool)
+  seq_len = np.zeros((b,), np.int32)
+  for i in range(b):
+    want = s if fill else int(rng.integers(0, s + 1))
+    pos = int(rng.integers(1, max_prompt + 1))
+    tokens[i, :pos] = rng.integers(1, vocab_size, pos)
+    for t in range(want):
+      n_act = int(rng.integers(1, max_action + 1))
+      n_obs = int(rng.integers(0, max_obs + 1))
+      if pos + n_act > l:
+        break
+      n_obs = min(n_obs, l - pos - n_act)
+      tokens[i, pos:pos + n_act] = rng.integers(1, vocab_size, n_act)
+      step_ids[i, pos:pos + n_act] = t
+      logprobs[i, pos:pos + n_act] = -rng.exponential(1.0, n_act)
+      step_start[i, t], step_len[i, t], step_mask[i, t] = pos, n_act, True
+      if rng.random() < reward_density:
+        step_rewards[i, t] = rng.normal()
+      pos += n_act
+      tokens[i, pos:pos + n_obs] = rng.integers(1, vocab_size, n_obs)
+      pos += n_obs
+    seq_len[i] = pos
+  kind = rng.choice(3, size=b, p=[0.45, 0.45, 0.10])  # terminated, truncated, neither (treated as terminal)
+  return EpisodeBatch(
+      tokens=tokens, action_mask=step_ids >= 0, step_ids=step_ids, logprobs=logprobs, step_start=step_start,
+      step_len=step_len, step_rewards=step_rewards, step_mask=step_mask, seq_len=seq_len,
+      terminated=kind == 0, truncated=kind == 1,
+      group_id=rng.integers(0, num_groups, b).astype(np.int32),
+      bootstrap_pos=np.maximum(seq_len - 1, 0).astype(np.int32))
