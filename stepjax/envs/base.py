@@ -1,0 +1,176 @@
+"""The token-level environment API and the two pieces every pure-JAX text environment is built from.
+
+An environment is a stateless object (gymnax style): shape-determining settings are fixed when it is constructed,
+everything that varies per run lives in a `flax.struct` params dataclass, and `reset`/`step` are pure functions of
+one episode that the rollout `vmap`s and `jit`s:
+
+    state, obs, obs_len = env.reset(key, params)
+    state, obs, obs_len, reward, terminated, truncated, info = env.step(key, state, action, action_len, params)
+
+`obs` is a fixed-size [env.max_obs_len] int32 buffer holding `obs_len` token ids; `action` is [A] int32 holding
+`action_len` ids exactly as the model generated them (end-of-step token included).
+
+Token space, not text: observations are built from text fragments tokenised ONCE at construction with the run's
+tokenizer (`Fragments`), and actions are parsed by matching their ids against the tokenised forms of every
+command the environment understands (`CommandTable`). No detokenisation happens inside `jit`, and what the policy
+reads is exactly what the environment wrote. A model that spells a command in a non-canonical tokenisation is
+simply not understood, like any other unparseable action: it gets the environment's fixed feedback and penalty.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from stepjax.tokenizers import Tokenizer, pad_batch
+
+Array = Any
+
+
+class Fragments:
+  """A table of text fragments tokenised once: `ids [F, K]`, `lengths [F]`, addressed by name or index.
+
+  `compose(indices, max_len)` concatenates fragments (index -1 = nothing) into one [max_len] buffer inside jit.
+  """
+
+  def __init__(self, tokenizer: Tokenizer, texts: Sequence[str]):
+    self.texts = list(texts)
+    encoded = tokenizer.encode_batch(self.texts)
+    self.max_fragment_len = max([len(e) for e in encoded] + [1])
+    ids, mask = pad_batch(encoded, self.max_fragment_len, tokenizer.pad_id)
+    self.ids = jnp.asarray(ids)
+    self.lengths = jnp.asarray(mask.sum(axis=1), jnp.int32)
+    self.host_lengths = mask.sum(axis=1)
+    self.index = {text: i for i, text in enumerate(self.texts)}
+
+  def __len__(self) -> int:
+    return len(self.texts)
+
+  def __getitem__(self, text: str) -> int:
+    return self.index[text]
+
+  def max_len_of(self, indices: Sequence[int]) -> int:
+    """Token length of a composition (host side; for sizing observation buffers)."""
+    return int(sum(self.host_lengths[i] for i in indices if i >= 0))
+
+  def compose(self, indices: Array, max_len: int) -> tuple[Array, Array]:
+    """indices [n] int32 (-1 skips) -> (tokens [max_len] int32, length). Fragments past max_len are cut; size the
+    buffer with `max_len_of` so that never happens."""
+    indices = jnp.asarray(indices, jnp.int32)
+    valid = indices >= 0
+    lengths = jnp.where(valid, self.lengths[jnp.maximum(indices, 0)], 0)
+    ends = jnp.cumsum(lengths)
+    starts = ends - lengths
+    pos = jnp.arange(max_len)
+    which = jnp.clip(jnp.searchsorted(ends, pos, side="right"), 0, indices.shape[0] - 1)
+    within = pos - starts[which]
+    tokens = self.ids[jnp.maximum(indices[which], 0), jnp.clip(within, 0, self.max_fragment_len - 1)]
+    total = ends[-1]
+    return jnp.where(pos < total, tokens, 0).astype(jnp.int32), jnp.minimum(total, max_len).astype(jnp.int32)
+
+
+class CommandTable:
+  """Every command an environment understands, tokenised once: `match(action, len) -> command index or -1`.
+
+  The action is compared after removing trailing stop tokens (end of step / end of episode). With `think=True`
+  (the harness step format) an action must read `<think> ... </think>` followed by exactly one command, where
+  `<think>` and `</think>` are single special tokens of the tokenizer.
+  """
+
+  def __init__(self, tokenizer: Tokenizer, commands: Sequence[str], *, think: bool = False):
+    self.commands = list(commands)
+    encoded = tokenizer.encode_batch(self.commands)
+    self.max_command_len = max(len(e) for e in encoded)
+    ids, mask = pad_batch(encoded, self.max_command_len, tokenizer.pad_id)
+    self.ids = jnp.asarray(ids)
+    self.lengths = jnp.asarray(mask.sum(axis=1), jnp.int32)
+    self.stop_ids = jnp.asarray([tokenizer.end_of_step_id, tokenizer.eos_id], jnp.int32)
+    self.think = think
+    if think:
+      specials = tokenizer.special_ids
+      missing = [t for t in ("<think>", "</think>") if t not in specials]
+      if missing:
+        raise ValueError(f"step_format: 'think' needs the special tokens {missing} in the tokenizer "
+                         f"(e.g. ByteTokenizer(extra_special_tokens=('<think>', '</think>')))")
+      self.think_open, self.think_close = specials["<think>"], specials["</think>"]
+
+  def text(self, index: int) -> str:
+    return self.commands[index]
+
+  def match(self, action: Array, action_len: Array) -> Array:
+    """action [A] int32, action_len [] -> index of the command it spells exactly, or -1."""
+    a = action.shape[0]
+    pos = jnp.arange(a)
+    length = jnp.asarray(action_len, jnp.int32)
+    # Drop trailing stop tokens: the end-of-step id ends the step, it is not part of the command.
+    is_stop = jnp.any(action[:, None] == self.stop_ids[None, :], axis=-1) & (pos < length)
+    trailing = jnp.cumprod(jnp.flip(jnp.where(pos < length, is_stop, True))).sum() - (a - length)
+    length = length - trailing
+    start = jnp.int32(0)
+    ok = jnp.bool_(True)
+    if self.think:
+      closes = (action == self.think_close) & (pos < length)
+      close_at = jnp.argmax(closes)
+      ok = (action[0] == self.think_open) & jnp.any(closes)
+      start = close_at + 1
+    cmd = jnp.take(action, start + jnp.arange(self.max_command_len), mode="fill", fill_value=-1)
+    k = jnp.arange(self.max_command_len)
+    same = jnp.all((cmd[None, :] == self.ids) | (k[None, :] >= self.lengths[:, None]), axis=1)
+    same = same & (self.lengths == length - start) & ok
+    return jnp.where(jnp.any(same), jnp.argmax(same), -1).astype(jnp.int32)
+
+  def encode(self, index: Array, action_len_max: int, end_of_step_id: int, think_ids: Sequence[int] = ()):
+    """Command index -> (action [action_len_max] int32, length): the canonical tokens of that command followed by
+    end-of-step (the scripted expert's actions). `think_ids`, if given, are prepended (the harness format)."""
+    prefix = jnp.asarray(list(think_ids), jnp.int32)
+    n_prefix = prefix.shape[0]
+    cmd_len = self.lengths[index]
+    body = self.ids[index]
+    pos = jnp.arange(action_len_max)
+    from_cmd = jnp.take(body, pos - n_prefix, mode="fill", fill_value=0)
+    tokens = jnp.where(pos < n_prefix, jnp.take(prefix, pos, mode="fill", fill_value=0) if n_prefix else 0, from_cmd)
+    tokens = jnp.where(pos == n_prefix + cmd_len, end_of_step_id, tokens)
+    length = n_prefix + cmd_len + 1
+    return jnp.where(pos < length, tokens, 0).astype(jnp.int32), length.astype(jnp.int32)
+
+
+class Environment:
+  """Base class of pure-JAX token environments. Subclasses set `name`, `max_obs_len`, `max_action_len`, and
+  implement `default_params`, `reset`, `step`, `expert_action` and `render`."""
+
+  name: str = "environment"
+  max_obs_len: int
+  max_action_len: int
+
+  def default_params(self) -> Any:
+    raise NotImplementedError
+
+  def reset(self, key: Array, params: Any) -> tuple[Any, Array, Array]:
+    raise NotImplementedError
+
+  def step(self, key: Array, state: Any, action: Array, action_len: Array, params: Any):
+    raise NotImplementedError
+
+  def expert_action(self, key: Array, state: Any, params: Any) -> tuple[Array, Array]:
+    """The scripted expert's next action as (tokens [max_action_len], length), pure JAX."""
+    raise NotImplementedError
+
+  def render(self, state: Any) -> str:
+    """A human-readable view of one (unbatched, concrete) state."""
+    raise NotImplementedError
+
+
+@struct.dataclass
+class StepInfo:
+  """What `step` reports besides the observation: `parsed` (the action was understood) and `success`."""
+
+  parsed: Array
+  success: Array
+
+
+def host_array(x) -> np.ndarray:
+  return np.asarray(jax.device_get(x))
