@@ -44,10 +44,11 @@ def _check_array(x, field: str, shape: tuple[int, ...], kinds: str) -> None:
   """One clear line naming the field, the expected shape and the allowed dtype kinds (numpy kind codes)."""
   _check(hasattr(x, "shape") and hasattr(x, "dtype"), field, f"expected an array, got {type(x).__name__}")
   _check(tuple(x.shape) == tuple(shape), field, f"expected shape {tuple(shape)}, got {tuple(x.shape)}")
-  kind = np.dtype(x.dtype).kind
+  dtype = jnp.dtype(x.dtype)
+  kind = "f" if jnp.issubdtype(dtype, jnp.floating) else dtype.kind  # bfloat16's numpy kind is 'V'
   names = {"b": "bool", "i": "signed int", "u": "unsigned int", "f": "float"}
   allowed = " or ".join(names[k] for k in kinds)
-  _check(kind in kinds, field, f"expected dtype {allowed}, got {np.dtype(x.dtype).name}")
+  _check(kind in kinds, field, f"expected dtype {allowed}, got {dtype.name}")
 
 
 def _take_rows(x: Array, idx: Array, fill=0) -> Array:
@@ -66,7 +67,8 @@ class EpisodeBatch:
     tokens        [B, L] int32  prompt, then each step's action tokens followed by the observation tokens.
     action_mask   [B, L] bool   True where the model generated the token.
     step_ids      [B, L] int32  step index of each action token, -1 elsewhere.
-    logprobs      [B, L] float32  behaviour policy log-prob of each action token, 0 elsewhere.
+    logprobs      [B, L] float32  behaviour policy log-prob of each action token (logprobs[p] scores tokens[p],
+                                  predicted by the logits at p - 1), 0 elsewhere.
   Per step:
     step_start    [B, S] int32  position of the step's first action token (0 on invalid steps).
     step_len      [B, S] int32  number of action tokens in the step (0 on invalid steps).

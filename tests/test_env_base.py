@@ -39,6 +39,9 @@ def test_command_table_matches_exact_commands_only():
                        (" look", -1)]:
     assert int(match(*_action(text))) == expect, text
     assert int(match(*_action(text, stop=False))) == expect, text  # a budget-cut action has no stop token
+  # An action longer than the view (cut by the caller, true length passed) never matches.
+  tokens, n = _action("take key")
+  assert int(match(tokens[:8], n)) == -1 and int(match(tokens[:8], 8)) == 2
   # Ids past action_len are ignored.
   tokens, n = _action("look")
   tokens[n:n + 3] = TOK.encode("abc")

@@ -106,16 +106,18 @@ class CommandTable:
     a = action.shape[0]
     pos = jnp.arange(a)
     length = jnp.asarray(action_len, jnp.int32)
-    # Drop trailing stop tokens: the end-of-step id ends the step, it is not part of the command.
-    is_stop = jnp.any(action[:, None] == self.stop_ids[None, :], axis=-1) & (pos < length)
+    ok = length <= a  # an action longer than this view spells no command
+    length = jnp.minimum(length, a)
+    # Drop trailing stop tokens: the end-of-step id ends the step, it is not part of the command. Counting from the
+    # end of the buffer, padding slots count as "stop" so that the run starts at the last real token.
+    is_stop = jnp.any(action[:, None] == self.stop_ids[None, :], axis=-1)
     trailing = jnp.cumprod(jnp.flip(jnp.where(pos < length, is_stop, True))).sum() - (a - length)
     length = length - trailing
     start = jnp.int32(0)
-    ok = jnp.bool_(True)
     if self.think:
       closes = (action == self.think_close) & (pos < length)
       close_at = jnp.argmax(closes)
-      ok = (action[0] == self.think_open) & jnp.any(closes)
+      ok = ok & (action[0] == self.think_open) & jnp.any(closes)
       start = close_at + 1
     cmd = jnp.take(action, start + jnp.arange(self.max_command_len), mode="fill", fill_value=-1)
     k = jnp.arange(self.max_command_len)
