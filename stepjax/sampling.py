@@ -158,6 +158,21 @@ def extend(model, params, tokens: Array, lengths: Array, cache, previous_logits:
   return cache, last
 
 
+def score_and_extend(model, params, tokens: Array, lengths: Array, cache, next_logits: Array):
+  """Teacher forcing: appends given action tokens [B, T] (`lengths [B]` real ones) to the cache and scores them.
+
+  Returns (cache, next_logits [B, V], logprobs [B, T]) with logprobs[b, j] = log pi(tokens[b, j] | context) under
+  the untempered policy (0 past lengths[b]). Used to replay a scripted expert or a host-provided action through
+  the same cache as sampled ones.
+  """
+  lengths = jnp.asarray(lengths, jnp.int32)
+  logits, _, cache = model.apply({"params": params}, tokens, cache=cache, chunk_lengths=lengths)
+  predicting = jnp.concatenate([next_logits[:, None].astype(jnp.float32), logits[:, :-1]], axis=1)
+  logp = jnp.take_along_axis(jax.nn.log_softmax(predicting, axis=-1), tokens[..., None], axis=-1)[..., 0]
+  logp = jnp.where(jnp.arange(tokens.shape[1])[None] < lengths[:, None], logp, 0.0)
+  return cache, _last_logits(logits, lengths, next_logits), logp
+
+
 def _vocab_size(model) -> int:
   return model.config.vocab_size
 

@@ -1,0 +1,254 @@
+"""The episode loop: it turns a policy and environments into an `EpisodeBatch`.
+
+One agent step is three pure pieces, shared by both loops:
+
+  `act`     decode one action per row with the KV-cache sampler (or replay the scripted expert's tokens through the
+            same cache), write its tokens, log-probs and step boundary into the batch under construction;
+  env step  the vmapped pure-JAX environment (inside jit) or a pool of host environments (Python threads);
+  `observe` append the observation to the batch and to the cache (cache extension, never a re-prefill) and record
+            the reward and terminated / truncated flags.
+
+`make_rollout(model, env, config)` runs the whole episode loop for a pure-JAX environment as one `lax.scan` over
+steps inside one `jit`. `host_rollout(...)` drives host environments step by step with the same jitted pieces.
+
+Context budget: a step starts only if the row still has room for a whole step (max_action_len tokens) and the
+largest observation (max_obs_len); otherwise the episode ends as truncated (context overflow) before the step, so
+no token is ever dropped. Reaching `max_steps` also truncates. Only the environment's own end of task terminates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from stepjax import sampling
+from stepjax.models.transformer import init_cache
+from stepjax.types import EpisodeBatch
+
+Array = Any
+ACTORS = ("model", "expert")
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutConfig:
+  """Static rollout settings.
+
+  num_tasks x episodes_per_task episodes per batch; the episodes of one task share its reset key and `group_id`
+  (the groups of GRPO / RLOO / GiGPO). max_len: context length of every row (prompt + all steps + observations).
+  max_action_len: per-step token budget. max_obs_len: observation buffer (host loops; JAX envs use their own).
+  stop_ids: tokens that end a step (end-of-step, end-of-episode). pad_id fills unused slots.
+  """
+
+  num_tasks: int = 8
+  episodes_per_task: int = 1
+  max_steps: int = 8
+  max_len: int = 512
+  max_action_len: int = 24
+  max_obs_len: int = 128
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  greedy: bool = False
+  stop_ids: tuple[int, ...] = (1, 2)
+  pad_id: int = 0
+
+  @property
+  def batch_size(self) -> int:
+    return self.num_tasks * self.episodes_per_task
+
+  def sampling_config(self) -> sampling.SamplingConfig:
+    return sampling.SamplingConfig(max_new_tokens=self.max_action_len, temperature=self.temperature, top_k=self.top_k,
+                                   top_p=self.top_p, greedy=self.greedy, stop_ids=self.stop_ids, pad_id=self.pad_id)
+
+  def validate(self, max_obs_len: int | None = None, vocab_size: int | None = None) -> "RolloutConfig":
+    """One line naming the field and what is allowed; `max_obs_len` is the environment's observation buffer."""
+    for name in ("num_tasks", "episodes_per_task", "max_steps", "max_len", "max_action_len", "max_obs_len"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value < 1:
+        raise ValueError(f"rollout.{name}: must be an int >= 1, got {value!r}")
+    obs = self.max_obs_len if max_obs_len is None else max_obs_len
+    need = obs + self.max_action_len + obs
+    if self.max_len < need:
+      raise ValueError(f"rollout.max_len: {self.max_len} cannot hold the first observation plus one step "
+                       f"(max_action_len={self.max_action_len} + max_obs_len={obs}); use max_len >= {need}")
+    self.sampling_config().validate(vocab_size)
+    return self
+
+
+@struct.dataclass
+class RolloutState:
+  """The batch under construction plus what decoding needs. `batch.seq_len` is each row's current length."""
+
+  batch: EpisodeBatch
+  cache: Any
+  next_logits: Array  # [B, V]
+  done: Array  # [B] bool
+  step: Array  # [] int32
+
+
+def _write(buffer: Array, start: Array, values: Array, lengths: Array) -> Array:
+  """buffer [B, L]: row b gets values[b, :lengths[b]] at positions start[b] ... (nothing else changes)."""
+  b, width = values.shape
+  pos = start[:, None] + jnp.arange(width)[None]
+  pos = jnp.where(jnp.arange(width)[None] < lengths[:, None], pos, buffer.shape[1])  # out of range -> dropped
+  return buffer.at[jnp.arange(b)[:, None], pos].set(values.astype(buffer.dtype), mode="drop")
+
+
+def begin(model, params, obs: Array, obs_len: Array, group_id: Array, config: RolloutConfig) -> RolloutState:
+  """Starts every row with its first observation [B, O] (prefilled into a fresh [B, max_len] cache)."""
+  b, s, l = obs.shape[0], config.max_steps, config.max_len
+  obs_len = jnp.asarray(obs_len, jnp.int32)
+  zeros_bl = jnp.zeros((b, l), jnp.int32)
+  batch = EpisodeBatch(
+      tokens=_write(zeros_bl, jnp.zeros((b,), jnp.int32), obs, obs_len), action_mask=jnp.zeros((b, l), bool),
+      step_ids=jnp.full((b, l), -1, jnp.int32), logprobs=jnp.zeros((b, l), jnp.float32),
+      step_start=jnp.zeros((b, s), jnp.int32), step_len=jnp.zeros((b, s), jnp.int32),
+      step_rewards=jnp.zeros((b, s), jnp.float32), step_mask=jnp.zeros((b, s), bool), seq_len=obs_len,
+      terminated=jnp.zeros((b,), bool), truncated=jnp.zeros((b,), bool), group_id=jnp.asarray(group_id, jnp.int32),
+      bootstrap_pos=jnp.zeros((b,), jnp.int32))
+  cache = init_cache(model.config, b, l)
+  cache, next_logits = sampling.prefill(model, params, obs, obs_len, cache)
+  return RolloutState(batch=batch, cache=cache, next_logits=next_logits, done=jnp.zeros((b,), bool),
+                      step=jnp.int32(0))
+
+
+def act(model, params, rs: RolloutState, key: Array, config: RolloutConfig, max_obs_len: int,
+        forced_actions: tuple[Array, Array] | None = None):
+  """Decodes (or, with `forced_actions` = (tokens [B, A], lengths [B]), replays) one action per live row.
+
+  Returns (state, action tokens [B, A], action lengths [B], active [B]). Rows without room for a whole step and
+  the largest observation end here as truncated (context overflow) instead of stepping.
+  """
+  batch, t = rs.batch, rs.step
+  fits = batch.seq_len + config.max_action_len + max_obs_len <= config.max_len
+  overflow = ~rs.done & ~fits
+  active = ~rs.done & fits
+  if forced_actions is None:
+    out = sampling.decode(model, params, rs.cache, rs.next_logits, key, config.sampling_config(), active=active)
+    tokens, lengths, logprobs, cache, next_logits = out.tokens, out.lengths, out.logprobs, out.cache, out.next_logits
+  else:
+    tokens, lengths = forced_actions
+    lengths = jnp.where(active, jnp.asarray(lengths, jnp.int32), 0)
+    tokens = jnp.where(jnp.arange(tokens.shape[1])[None] < lengths[:, None], tokens, config.pad_id)
+    cache, next_logits, logprobs = sampling.score_and_extend(model, params, tokens, lengths, rs.cache,
+                                                            rs.next_logits)
+  start = batch.seq_len
+  batch = batch.replace(
+      tokens=_write(batch.tokens, start, tokens, lengths),
+      logprobs=_write(batch.logprobs, start, logprobs, lengths),
+      action_mask=_write(batch.action_mask, start, jnp.ones_like(tokens, bool), lengths),
+      step_ids=_write(batch.step_ids, start, jnp.full_like(tokens, t), lengths),
+      step_start=batch.step_start.at[:, t].set(jnp.where(active, start, 0)),
+      step_len=batch.step_len.at[:, t].set(lengths),
+      step_mask=batch.step_mask.at[:, t].set(active),
+      seq_len=start + lengths,
+      truncated=batch.truncated | overflow)
+  return rs.replace(batch=batch, cache=cache, next_logits=next_logits, done=rs.done | overflow), tokens, lengths, active
+
+
+def observe(model, params, rs: RolloutState, active: Array, obs: Array, obs_len: Array, reward: Array,
+            terminated: Array, truncated: Array) -> RolloutState:
+  """Appends each active row's observation [B, O] to the batch and the cache; records reward and end flags."""
+  batch, t = rs.batch, rs.step
+  obs_len = jnp.where(active, jnp.asarray(obs_len, jnp.int32), 0)
+  terminated = active & jnp.asarray(terminated, bool)
+  truncated = active & jnp.asarray(truncated, bool) & ~terminated
+  cache, next_logits = sampling.extend(model, params, obs, obs_len, rs.cache, rs.next_logits)
+  batch = batch.replace(
+      tokens=_write(batch.tokens, batch.seq_len, obs, obs_len),
+      step_rewards=batch.step_rewards.at[:, t].set(jnp.where(active, jnp.asarray(reward, jnp.float32), 0.0)),
+      seq_len=batch.seq_len + obs_len,
+      terminated=batch.terminated | terminated,
+      truncated=batch.truncated | truncated)
+  return rs.replace(batch=batch, cache=cache, next_logits=next_logits, done=rs.done | terminated | truncated,
+                    step=t + 1)
+
+
+def finish(rs: RolloutState) -> EpisodeBatch:
+  """Rows still running after max_steps are truncated (step budget); bootstrap from the last context token."""
+  batch = rs.batch
+  return batch.replace(truncated=batch.truncated | ~rs.done, bootstrap_pos=jnp.maximum(batch.seq_len - 1, 0))
+
+
+@struct.dataclass
+class RolloutInfo:
+  """Per-episode extras: success [B] (the environment reported success), parsed_steps [B], invalid_steps [B]."""
+
+  success: Array
+  parsed_steps: Array
+  invalid_steps: Array
+
+
+def task_keys_and_groups(key: Array, config: RolloutConfig, group_offset: Array | int = 0):
+  """Reset keys [B] (episodes of one task share a key) and group ids [B]."""
+  tasks = jax.random.split(key, config.num_tasks)
+  keys = jnp.repeat(tasks, config.episodes_per_task, axis=0)
+  groups = jnp.repeat(jnp.arange(config.num_tasks, dtype=jnp.int32), config.episodes_per_task)
+  return keys, groups + jnp.asarray(group_offset, jnp.int32)
+
+
+def make_rollout(model, env, config: RolloutConfig, actor: str = "model") -> Callable:
+  """-> `rollout(params, env_params, key) -> (EpisodeBatch, RolloutInfo)`, one pure function (jit it once).
+
+  actor="model" samples actions from the policy; actor="expert" replays the environment's scripted expert through
+  the same cache (its tokens scored by the policy), which is what SFT warm starts and replay tests use.
+  """
+  if actor not in ACTORS:
+    raise ValueError(f"rollout.actor: unknown actor {actor!r}; allowed: {list(ACTORS)}")
+  config.validate(env.max_obs_len, model.config.vocab_size)
+  if env.max_action_len > config.max_action_len and actor == "expert":
+    raise ValueError(f"rollout.max_action_len: {config.max_action_len} is shorter than the expert's actions "
+                     f"({env.max_action_len} tokens)")
+  obs_width = env.max_obs_len
+  reset = jax.vmap(env.reset, in_axes=(0, None))
+  env_step = jax.vmap(env.step, in_axes=(0, 0, 0, 0, None))
+  expert = jax.vmap(env.expert_action, in_axes=(0, 0, None))
+
+  def rollout(params, env_params, key, group_offset=0):
+    b = config.batch_size
+    reset_key, key = jax.random.split(key)
+    keys, groups = task_keys_and_groups(reset_key, config, group_offset)
+    env_state, obs, obs_len = reset(keys, env_params)
+    rs = begin(model, params, obs, obs_len, groups, config)
+
+    def one_step(carry, step_key):
+      rs, env_state, info = carry
+      act_key, env_key, expert_key = jax.random.split(step_key, 3)
+      forced = None
+      if actor == "expert":
+        tokens, lengths = expert(jax.random.split(expert_key, b), env_state, env_params)
+        pad = config.max_action_len - tokens.shape[1]
+        forced = (jnp.pad(tokens, ((0, 0), (0, pad))), lengths)
+      rs, action, action_len, active = act(model, params, rs, act_key, config, obs_width, forced)
+      new_state, obs, obs_len, reward, term, trunc, step_info = env_step(
+          jax.random.split(env_key, b), env_state, action[:, :env_action_width(env, config)], action_len, env_params)
+      env_state = jax.tree_util.tree_map(
+          lambda new, old: jnp.where(active.reshape((-1,) + (1,) * (new.ndim - 1)), new, old), new_state, env_state)
+      rs = observe(model, params, rs, active, obs, obs_len, reward, term, trunc)
+      info = RolloutInfo(success=info.success | (active & step_info.success),
+                         parsed_steps=info.parsed_steps + (active & step_info.parsed),
+                         invalid_steps=info.invalid_steps + (active & ~step_info.parsed))
+      return (rs, env_state, info), None
+
+    info = RolloutInfo(success=jnp.zeros((b,), bool), parsed_steps=jnp.zeros((b,), jnp.int32),
+                       invalid_steps=jnp.zeros((b,), jnp.int32))
+    (rs, _, info), _ = jax.lax.scan(one_step, (rs, env_state, info), jax.random.split(key, config.max_steps))
+    return finish(rs), info
+
+  return rollout
+
+
+def env_action_width(env, config: RolloutConfig) -> int:
+  """Environments read at most `env.max_action_len` tokens (with the true length): a longer action cannot spell any
+  of their commands, so cutting the view changes no outcome and keeps the environment's shapes its own."""
+  return min(config.max_action_len, env.max_action_len)
+
+
+def rollout(policy_params, env, env_params, key, config: RolloutConfig, model, actor: str = "model"):
+  """Convenience: build, jit and run the episode loop once. Prefer `make_rollout` + one `jax.jit` in loops."""
+  return jax.jit(make_rollout(model, env, config, actor))(policy_params, env_params, key)

@@ -1,0 +1,203 @@
+"""The jitted episode loop on a small counting environment defined here (independent of the shipped envs)."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import struct
+
+from stepjax import rollout as rollout_lib
+from stepjax.envs.base import CommandTable, Environment, Fragments, StepInfo
+from stepjax.models import transformer
+from stepjax.tokenizers import ByteTokenizer
+
+TOK = ByteTokenizer()
+
+
+@struct.dataclass
+class CountParams:
+  max_steps: int = 8
+  invalid_penalty: float = -0.1
+
+
+@struct.dataclass
+class CountState:
+  target: jax.Array
+  count: jax.Array
+  steps: jax.Array
+  done: jax.Array
+
+
+class CountEnv(Environment):
+  """'Count to n': say `next` n times, then `done` (reward 1 if the count is right)."""
+
+  name = "count"
+  max_action_len = 8
+
+  def __init__(self, tokenizer):
+    self.fragments = Fragments(tokenizer, ["Count to ", "1", "2", "3", ". Say next or done.\n> ", "ok\n> ",
+                                           "Invalid.\n> ", "Right!", "Wrong."])
+    self.commands = CommandTable(tokenizer, ["next", "done"])
+    self.end_of_step = tokenizer.end_of_step_id
+    self.max_obs_len = self.fragments.max_len_of([0, 1, 4])
+
+  def default_params(self):
+    return CountParams()
+
+  def reset(self, key, params):
+    target = jax.random.randint(key, (), 1, 4)
+    obs, n = self.fragments.compose(jnp.array([0, target, 4]), self.max_obs_len)
+    return CountState(target, jnp.int32(0), jnp.int32(0), jnp.bool_(False)), obs, n
+
+  def step(self, key, state, action, action_len, params):
+    cmd = self.commands.match(action, action_len)
+    live = ~state.done
+    is_next, is_done, invalid = cmd == 0, cmd == 1, cmd < 0
+    right = state.count == state.target
+    frag = jnp.select([invalid, is_next, right], [6, 5, 7], 8)
+    obs, n = self.fragments.compose(frag[None], self.max_obs_len)
+    steps = state.steps + live
+    terminated = live & is_done
+    truncated = live & ~terminated & (steps >= params.max_steps)
+    reward = jnp.where(terminated & right, 1.0, 0.0) + jnp.where(invalid, params.invalid_penalty, 0.0)
+    new = CountState(state.target, state.count + is_next, steps, state.done | terminated | truncated)
+    return (new, jnp.where(live, obs, 0), jnp.where(live, n, 0), jnp.where(live, reward, 0.0), terminated, truncated,
+            StepInfo(parsed=live & ~invalid, success=terminated & right))
+
+  def expert_action(self, key, state, params):
+    return self.commands.encode(jnp.where(state.count < state.target, 0, 1), self.max_action_len, self.end_of_step)
+
+  def render(self, state):
+    return f"target {int(state.target)}, count {int(state.count)}"
+
+
+ENV = CountEnv(TOK)
+MODEL_CONFIG = transformer.get_config("tiny", dtype="float32", vocab_size=TOK.vocab_size)
+MODEL = transformer.Transformer(MODEL_CONFIG)
+PARAMS = transformer.init_params(MODEL_CONFIG, jax.random.key(0))
+CONFIG = rollout_lib.RolloutConfig(num_tasks=4, episodes_per_task=2, max_steps=6, max_len=160, max_action_len=8,
+                                   stop_ids=(TOK.end_of_step_id, TOK.eos_id), pad_id=TOK.pad_id)
+
+
+@functools.lru_cache(maxsize=None)
+def _rollout(config, actor):
+  return jax.jit(rollout_lib.make_rollout(MODEL, ENV, config, actor))
+
+
+def _full_logprobs(tokens):
+  logits, _, _ = MODEL.apply({"params": PARAMS}, jnp.asarray(tokens))
+  logp = jax.nn.log_softmax(logits, -1)
+  out = np.zeros(tokens.shape, np.float32)
+  out[:, 1:] = np.take_along_axis(np.asarray(logp[:, :-1]), tokens[:, 1:, None], -1)[..., 0]
+  return out
+
+
+def _replay_on_host(batch, row, params):
+  """Re-runs the environment on the host with the batch's own action tokens; returns the observation id lists."""
+  keys, _ = rollout_lib.task_keys_and_groups(jax.random.split(jax.random.key(7))[0], CONFIG)
+  state, obs, n = ENV.reset(keys[row], params)
+  observations = [list(np.asarray(obs[:n]))]
+  for t in range(CONFIG.max_steps):
+    if not batch.step_mask[row, t]:
+      break
+    start, length = batch.step_start[row, t], batch.step_len[row, t]
+    action = np.zeros(ENV.max_action_len, np.int32)
+    action[:min(length, ENV.max_action_len)] = batch.tokens[row, start:start + min(length, ENV.max_action_len)]
+    state, obs, n, reward, *_ = ENV.step(jax.random.key(0), state, jnp.asarray(action), length, params)
+    observations.append(list(np.asarray(obs[:n])))
+    assert np.isclose(float(reward), batch.step_rewards[row, t])
+  return observations
+
+
+def _observations_in_batch(batch, row):
+  out, pos = [], 0
+  for t in range(CONFIG.max_steps + 1):
+    valid = t < CONFIG.max_steps and batch.step_mask[row, t]
+    end = batch.step_start[row, t] if valid else batch.seq_len[row]
+    out.append(list(batch.tokens[row, pos:end]))
+    if not valid:
+      break
+    pos = batch.step_start[row, t] + batch.step_len[row, t]
+  return out
+
+
+def test_expert_replay_is_token_exact_and_valid():
+  batch, info = _rollout(CONFIG, "expert")(PARAMS, ENV.default_params(), jax.random.key(7))
+  batch = jax.tree_util.tree_map(np.asarray, batch).validate()
+  assert np.asarray(info.success).all() and (np.asarray(info.invalid_steps) == 0).all()
+  assert batch.terminated.all() and not batch.truncated.any()
+  np.testing.assert_allclose(batch.episode_returns(), 1.0)
+  for row in range(CONFIG.batch_size):
+    assert _observations_in_batch(batch, row) == _replay_on_host(batch, row, ENV.default_params())
+    # The expert's actions are exactly `next` x target, then `done`, each ending with end-of-step.
+    texts = [TOK.decode(batch.tokens[row, s:s + n]) for s, n, m in
+             zip(batch.step_start[row], batch.step_len[row], batch.step_mask[row]) if m]
+    assert texts[-1] == "done<|end_of_step|>" and set(texts[:-1]) <= {"next<|end_of_step|>"}
+  # Behaviour log-probs of replayed tokens are the policy's, as a packed forward computes them.
+  full = _full_logprobs(batch.tokens)
+  np.testing.assert_allclose(batch.logprobs[batch.action_mask], full[batch.action_mask], atol=1e-5)
+  # Episodes of one task share the task: same first observation within a group.
+  first = batch.step_start[:, 0]
+  for g in np.unique(batch.group_id):
+    rows = np.flatnonzero(batch.group_id == g)
+    assert len(rows) == 2 and first[rows[0]] == first[rows[1]]
+    np.testing.assert_array_equal(batch.tokens[rows[0], :first[rows[0]]], batch.tokens[rows[1], :first[rows[1]]])
+
+
+def test_sampled_rollout_matches_packed_forward_and_env():
+  config = CONFIG.__class__(**{**CONFIG.__dict__, "temperature": 1.0})
+  batch, info = _rollout(config, "model")(PARAMS, ENV.default_params(), jax.random.key(7))
+  batch = jax.tree_util.tree_map(np.asarray, batch).validate()
+  full = _full_logprobs(batch.tokens)
+  np.testing.assert_allclose(batch.logprobs[batch.action_mask], full[batch.action_mask], atol=1e-5)
+  for row in range(CONFIG.batch_size):
+    assert _observations_in_batch(batch, row) == _replay_on_host(batch, row, ENV.default_params())
+  # An untrained model speaks garbage: every step is invalid, so each row runs until the step budget or until the
+  # context has no room for another whole step (both truncate).
+  assert not np.asarray(info.success).any() and batch.truncated.all()
+  steps = batch.step_mask.sum(1)
+  no_room = batch.seq_len + CONFIG.max_action_len + ENV.max_obs_len > CONFIG.max_len
+  assert ((steps == CONFIG.max_steps) | no_room).all()
+  np.testing.assert_allclose(batch.step_rewards[batch.step_mask], -0.1, rtol=1e-6)
+
+
+def test_context_overflow_truncates_without_dropping_tokens():
+  # Room for the first observation, one step with the largest observation, and 15 tokens more: the expert's short
+  # steps (10 tokens each) fit twice, so 1-count tasks (2 steps) finish and the others run out of context.
+  max_len = 2 * ENV.max_obs_len + CONFIG.max_action_len + 15
+  config = CONFIG.__class__(**{**CONFIG.__dict__, "max_len": max_len})
+  batch, _ = _rollout(config, "expert")(PARAMS, ENV.default_params().replace(max_steps=8), jax.random.key(7))
+  batch = jax.tree_util.tree_map(np.asarray, batch).validate()
+  # Every episode either finished its task or stopped exactly when no room for a whole step was left.
+  np.testing.assert_array_equal(batch.truncated, ~batch.terminated)
+  no_room = batch.seq_len + config.max_action_len + ENV.max_obs_len > max_len
+  np.testing.assert_array_equal(batch.truncated, no_room & ~batch.terminated)
+  assert batch.truncated.any() and batch.terminated.any() and (batch.seq_len <= max_len).all()
+  for row in range(config.batch_size):
+    assert _observations_in_batch(batch, row) == _replay_on_host(batch, row, ENV.default_params())
+
+
+def test_step_budget_truncates():
+  config = CONFIG.__class__(**{**CONFIG.__dict__, "max_steps": 2})
+  batch, info = _rollout(config, "expert")(PARAMS, ENV.default_params(), jax.random.key(7))
+  batch = jax.tree_util.tree_map(np.asarray, batch).validate()
+  needs = batch.step_mask.sum(1)
+  assert (needs <= 2).all()
+  np.testing.assert_array_equal(batch.terminated, np.asarray(info.success))
+  np.testing.assert_array_equal(batch.truncated, ~batch.terminated)
+  np.testing.assert_array_equal(batch.bootstrap_pos, batch.seq_len - 1)
+
+
+@pytest.mark.parametrize("field,kwargs,message", [
+    ("max_len", {"max_len": 40}, "rollout.max_len: 40 cannot hold"),
+    ("max_steps", {"max_steps": 0}, "rollout.max_steps: must be an int >= 1"),
+    ("temperature", {"temperature": 0.0}, "sampling.temperature"),
+])
+def test_config_errors_before_compiling(field, kwargs, message):
+  config = CONFIG.__class__(**{**CONFIG.__dict__, **kwargs})
+  with pytest.raises(ValueError, match=message):
+    rollout_lib.make_rollout(MODEL, ENV, config)
+  with pytest.raises(ValueError, match="rollout.actor: unknown actor 'human'"):
+    rollout_lib.make_rollout(MODEL, ENV, CONFIG, "human")
