@@ -37,7 +37,7 @@ def random_episode_batch(
   seq_len = np.zeros((b,), np.int32)
   for i in range(b):
     want = s if fill else int(rng.integers(0, s + 1))
-    pos = int(rng.integers(1, max_prompt + 1))
+    pos = min(int(rng.integers(1, max_prompt + 1)), l)
     tokens[i, :pos] = rng.integers(1, vocab_size, pos)
     for t in range(want):
       n_act = int(rng.integers(1, max_action + 1))

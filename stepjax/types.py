@@ -184,12 +184,13 @@ class EpisodeBatch:
     later = m[:, 1:]
     _check(bool(np.all(np.where(later, x.step_start[:, 1:] >= end[:, :-1], True))), "step_start",
            "steps must be in increasing, non-overlapping order")
-    # step_ids must be exactly the expansion of (step_start, step_len).
+    # step_ids must be exactly the expansion of (step_start, step_len) (vectorised: one entry per action token).
     expect = np.full((b, l), -1, np.int64)
-    for i in range(b):
-      for t in range(s):
-        if m[i, t]:
-          expect[i, x.step_start[i, t]:end[i, t]] = t
+    counts = np.where(m, x.step_len, 0).reshape(-1)
+    rows = np.repeat(np.repeat(np.arange(b), s), counts)
+    steps = np.repeat(np.tile(np.arange(s), b), counts)
+    offsets = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+    expect[rows, np.repeat(x.step_start.reshape(-1), counts) + offsets] = steps
     _check(bool(np.array_equal(expect, x.step_ids)), "step_ids", "must equal the step index on each step's "
            "tokens [step_start, step_start + step_len) and -1 elsewhere")
     _check(bool(np.array_equal(x.action_mask, expect >= 0)), "action_mask", "must be True exactly where step_ids >= 0")
@@ -375,8 +376,8 @@ def from_step_rows(rows: StepRows, *, num_episodes: int, max_len: int, max_steps
   step_mask = per_step(valid, jnp.bool_)
   seq_len = jnp.zeros((b,), jnp.int32).at[traj].max(plen + rlen + olen, mode="drop")
 
-  def per_episode(values, dtype):
-    return jnp.zeros((b,), dtype).at[traj].max(values.astype(dtype), mode="drop")
+  def per_episode(values, dtype):  # every row of an episode carries the same value: any write wins
+    return jnp.zeros((b,), dtype).at[traj].set(values.astype(dtype), mode="drop")
 
   truncated = per_episode(rows.truncated, jnp.bool_)
   return EpisodeBatch(

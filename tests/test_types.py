@@ -139,3 +139,11 @@ def test_round_trip_step_rows_to_episode_batch_and_back():
   for field in dataclasses.fields(types.StepRows):
     np.testing.assert_array_equal(np.asarray(getattr(rows, field.name)), np.asarray(getattr(again, field.name)),
                                   err_msg=field.name)
+
+
+def test_round_trip_keeps_negative_group_ids():
+  batch = random_episode_batch(5, B, L, S, fill=True)
+  batch = batch.replace(group_id=batch.group_id - 100)
+  back = types.from_step_rows(types.to_step_rows(batch, prompt_len=L, response_len=8, observation_len=8),
+                              num_episodes=B, max_len=L, max_steps=S)
+  np.testing.assert_array_equal(np.asarray(back.group_id), batch.group_id)
