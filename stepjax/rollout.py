@@ -252,3 +252,81 @@ def env_action_width(env, config: RolloutConfig) -> int:
 def rollout(policy_params, env, env_params, key, config: RolloutConfig, model, actor: str = "model"):
   """Convenience: build, jit and run the episode loop once. Prefer `make_rollout` + one `jax.jit` in loops."""
   return jax.jit(make_rollout(model, env, config, actor))(policy_params, env_params, key)
+
+
+def make_host_rollout(model, config: RolloutConfig, tokenizer) -> Callable:
+  """-> `host_rollout(params, pool, seeds, key, group_ids=None) -> (EpisodeBatch, RolloutInfo)` for host environments.
+
+  `pool` is a `stepjax.envs.host.HostEnvPool` (one env per row; len(pool) == config.batch_size). Each step calls the
+  same jitted `act` / `observe` as the jitted loop; in between, the actions are decoded to text for the environments
+  (the model's tokens stay in the batch exactly as generated) and the observations are encoded once (text) or used as
+  given (token ids). An observation longer than `config.max_obs_len` cannot be appended without dropping tokens:
+  that episode ends there as truncated, without the observation, and `HostRolloutInfo.obs_overflow` flags it.
+  """
+  config.validate(config.max_obs_len, model.config.vocab_size)
+  width = config.max_obs_len
+  begin_fn = jax.jit(lambda params, obs, obs_len, groups: begin(model, params, obs, obs_len, groups, config))
+  act_fn = jax.jit(lambda params, rs, key: act(model, params, rs, key, config, width))
+  observe_fn = jax.jit(lambda params, rs, active, obs, obs_len, reward, term, trunc: observe(
+      model, params, rs, active, obs, obs_len, reward, term, trunc))
+  finish_fn = jax.jit(finish)
+
+  def encode(observations, rows_ok):
+    ids = np.zeros((len(observations), width), np.int32)
+    lengths = np.zeros((len(observations),), np.int32)
+    overflow = np.zeros((len(observations),), bool)
+    for i, obs in enumerate(observations):
+      if obs is None or not rows_ok[i]:
+        continue
+      tokens = np.asarray(tokenizer.encode(obs) if isinstance(obs, str) else obs, np.int32).reshape(-1)
+      if tokens.shape[0] > width:
+        overflow[i] = True
+        continue
+      ids[i, :tokens.shape[0]] = tokens
+      lengths[i] = tokens.shape[0]
+    return ids, lengths, overflow
+
+  def host_rollout(params, pool, seeds: Sequence[int], key, group_ids=None):
+    b = config.batch_size
+    if len(pool) != b or len(seeds) != b:
+      raise ValueError(f"host_rollout: need one env and one seed per row (batch_size={b}), got {len(pool)} envs and "
+                       f"{len(seeds)} seeds")
+    first, lengths, overflow = encode(pool.reset(list(seeds)), np.ones(b, bool))
+    if overflow.any():
+      raise ValueError(f"rollout.max_obs_len: the first observation of env {int(np.argmax(overflow))} is longer than "
+                       f"{width} tokens; raise max_obs_len")
+    groups = np.arange(b, dtype=np.int32) if group_ids is None else np.asarray(group_ids, np.int32)
+    rs = begin_fn(params, first, lengths, groups)
+    success, parsed, invalid, obs_overflow = (np.zeros(b, bool), np.zeros(b, np.int32), np.zeros(b, np.int32),
+                                              np.zeros(b, bool))
+    for step_key in jax.random.split(key, config.max_steps):
+      rs, action, action_len, active = act_fn(params, rs, step_key)
+      active, action, action_len = np.asarray(active), np.asarray(action), np.asarray(action_len)
+      if not active.any():
+        break
+      requests = [(tokenizer.decode(action[i, :action_len[i]], skip_special=True), action[i, :action_len[i]])
+                  if active[i] else None for i in range(b)]
+      results = pool.step(requests)
+      obs, obs_len, overflow = encode([r.observation if r is not None else None for r in results], active)
+      reward = np.array([r.reward if r is not None else 0.0 for r in results], np.float32)
+      term = np.array([bool(r.terminated) if r is not None else False for r in results])
+      trunc = np.array([bool(r.truncated) if r is not None else False for r in results]) | (overflow & ~term)
+      for i, r in enumerate(results):
+        if r is not None:
+          success[i] |= bool(r.info.get("success", False))
+          ok = bool(r.info.get("parsed", True))
+          parsed[i] += ok
+          invalid[i] += not ok
+      obs_overflow |= overflow
+      rs = observe_fn(params, rs, active, obs, obs_len, reward, term, trunc)
+    info = HostRolloutInfo(success=success, parsed_steps=parsed, invalid_steps=invalid, obs_overflow=obs_overflow)
+    return finish_fn(rs), info
+
+  return host_rollout
+
+
+@struct.dataclass
+class HostRolloutInfo(RolloutInfo):
+  """RolloutInfo plus obs_overflow [B]: an observation did not fit `max_obs_len`, so the episode was truncated."""
+
+  obs_overflow: Array = None

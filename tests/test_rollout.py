@@ -201,3 +201,23 @@ def test_config_errors_before_compiling(field, kwargs, message):
     rollout_lib.make_rollout(MODEL, ENV, config)
   with pytest.raises(ValueError, match="rollout.actor: unknown actor 'human'"):
     rollout_lib.make_rollout(MODEL, ENV, CONFIG, "human")
+
+
+def test_host_loop_reproduces_the_jitted_loop():
+  """Greedy decoding, the same environment behind JaxEnvAsHost: the host loop gives the very same EpisodeBatch."""
+  from stepjax.envs.host import HostEnvPool, JaxEnvAsHost
+
+  config = CONFIG.__class__(**{**CONFIG.__dict__, "greedy": True, "max_obs_len": ENV.max_obs_len})
+  key = jax.random.key(11)
+  jitted, _ = _rollout(config, "model")(PARAMS, ENV.default_params(), key)
+  reset_keys, groups = rollout_lib.task_keys_and_groups(jax.random.split(key)[0], config)
+  envs = [JaxEnvAsHost(ENV, ENV.default_params(), seed_to_key=lambda row: reset_keys[row])
+          for _ in range(config.batch_size)]
+  with HostEnvPool(envs) as pool:
+    hosted, info = rollout_lib.make_host_rollout(MODEL, config, TOK)(PARAMS, pool, list(range(config.batch_size)),
+                                                                     key, group_ids=groups)
+  for field in ("tokens", "action_mask", "step_ids", "step_start", "step_len", "step_rewards", "step_mask", "seq_len",
+                "terminated", "truncated", "group_id", "bootstrap_pos"):
+    np.testing.assert_array_equal(np.asarray(getattr(hosted, field)), np.asarray(getattr(jitted, field)), err_msg=field)
+  np.testing.assert_allclose(np.asarray(hosted.logprobs), np.asarray(jitted.logprobs), atol=1e-5)
+  assert not np.asarray(info.obs_overflow).any()
