@@ -18,7 +18,9 @@ no token is ever dropped. Reaching `max_steps` also truncates. Only the environm
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import time
 from typing import Any, Callable, Sequence
 
 import jax
@@ -286,8 +288,10 @@ def make_host_rollout(model, config: RolloutConfig, tokenizer) -> Callable:
       lengths[i] = tokens.shape[0]
     return ids, lengths, overflow
 
-  def host_rollout(params, pool, seeds: Sequence[int], key, group_ids=None):
+  def host_rollout(params, pool, seeds: Sequence[int], key, group_ids=None, timings: dict | None = None):
+    """`timings`, if given, accumulates seconds per phase ("act", "env", "observe"), synchronising the device."""
     b = config.batch_size
+    clock = _PhaseClock(timings)
     if len(pool) != b or len(seeds) != b:
       raise ValueError(f"host_rollout: need one env and one seed per row (batch_size={b}), got {len(pool)} envs and "
                        f"{len(seeds)} seeds")
@@ -300,13 +304,15 @@ def make_host_rollout(model, config: RolloutConfig, tokenizer) -> Callable:
     success, parsed, invalid, obs_overflow = (np.zeros(b, bool), np.zeros(b, np.int32), np.zeros(b, np.int32),
                                               np.zeros(b, bool))
     for step_key in jax.random.split(key, config.max_steps):
-      rs, action, action_len, active = act_fn(params, rs, step_key)
-      active, action, action_len = np.asarray(active), np.asarray(action), np.asarray(action_len)
+      with clock("act"):
+        rs, action, action_len, active = act_fn(params, rs, step_key)
+        active, action, action_len = np.asarray(active), np.asarray(action), np.asarray(action_len)
       if not active.any():
         break
-      requests = [(tokenizer.decode(action[i, :action_len[i]], skip_special=True), action[i, :action_len[i]])
-                  if active[i] else None for i in range(b)]
-      results = pool.step(requests)
+      with clock("env"):
+        requests = [(tokenizer.decode(action[i, :action_len[i]], skip_special=True), action[i, :action_len[i]])
+                    if active[i] else None for i in range(b)]
+        results = pool.step(requests)
       obs, obs_len, overflow = encode([r.observation if r is not None else None for r in results], active)
       reward = np.array([r.reward if r is not None else 0.0 for r in results], np.float32)
       term = np.array([bool(r.terminated) if r is not None else False for r in results])
@@ -318,11 +324,31 @@ def make_host_rollout(model, config: RolloutConfig, tokenizer) -> Callable:
           parsed[i] += ok
           invalid[i] += not ok
       obs_overflow |= overflow
-      rs = observe_fn(params, rs, active, obs, obs_len, reward, term, trunc)
+      with clock("observe"):
+        rs = jax.block_until_ready(observe_fn(params, rs, active, obs, obs_len, reward, term, trunc))
     info = HostRolloutInfo(success=success, parsed_steps=parsed, invalid_steps=invalid, obs_overflow=obs_overflow)
     return finish_fn(rs), info
 
   return host_rollout
+
+
+class _PhaseClock:
+  """Accumulates wall seconds per named phase into a dict (or does nothing without one)."""
+
+  def __init__(self, timings: dict | None):
+    self.timings = timings
+
+  def __call__(self, phase: str):
+    if self.timings is None:
+      return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def timed():
+      start = time.perf_counter()
+      yield
+      self.timings[phase] = self.timings.get(phase, 0.0) + time.perf_counter() - start
+
+    return timed()
 
 
 @struct.dataclass

@@ -53,6 +53,10 @@ class Fragments:
   def __getitem__(self, text: str) -> int:
     return self.index[text]
 
+  def longest(self, indices: Sequence[int]) -> int:
+    """The index (among `indices`) of the fragment with the most tokens (for worst-case buffer sizing)."""
+    return max(indices, key=lambda i: self.host_lengths[i])
+
   def max_len_of(self, indices: Sequence[int]) -> int:
     """Token length of a composition (host side; for sizing observation buffers)."""
     return int(sum(self.host_lengths[i] for i in indices if i >= 0))
@@ -172,6 +176,19 @@ class StepInfo:
 
   parsed: Array
   success: Array
+
+
+def unless_done(state, next_state, obs, obs_len, reward, terminated, truncated, info):
+  """Stepping a finished episode is a no-op: the old state, an empty observation, zero reward, no flags.
+
+  Environments compute their step unconditionally (branchless) and pass everything through this at the end;
+  `state` must have a boolean `done` field.
+  """
+  was_done = state.done
+  next_state = jax.tree_util.tree_map(lambda old, new: jnp.where(was_done, old, new), state, next_state)
+  return (next_state, jnp.where(was_done, 0, obs).astype(jnp.int32), jnp.where(was_done, 0, obs_len).astype(jnp.int32),
+          jnp.where(was_done, 0.0, reward).astype(jnp.float32), terminated & ~was_done, truncated & ~was_done,
+          StepInfo(parsed=info.parsed & ~was_done, success=info.success & ~was_done))
 
 
 def host_array(x) -> np.ndarray:

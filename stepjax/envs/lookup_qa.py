@@ -1,0 +1,289 @@
+"""lookup_qa: multi-hop question answering with a search tool (a small, learnable stand-in for HotpotQA).
+
+Each episode draws a knowledge base from its reset key over a fixed pool of pseudo-word entities: every entity
+has one fact per relation ("Zorva: mentor Kalin; city Pemo; rival Dorna; author Vesk."), all random except a
+hidden chain e0 -r1-> e1 -r2-> ... -> ek (k = `params.hops`, distinct entities) that is written into it. The
+question names e0 and the relation path; the agent reads an entity's facts with `search <name>` (the true next hop
+plus its other relations as distractors) and ends the episode with `answer <name>`. Example, hops = 2:
+
+    Answer with: search <name>, answer <name>.
+    Q: what is the city of the mentor of Zorva?
+    > search Zorva
+    Zorva: mentor Kalin; city Pemo; rival Dorna; author Vesk.
+    > search Kalin
+    Kalin: mentor Isko; city Jorn; rival Talo; author Mavo.
+    > answer Jorn
+    Correct.
+
+Rewards: 1.0 for the right answer (terminated, success), 0.0 for a wrong one (terminated), `params.invalid_penalty`
+for an action that spells no command (including `search` of a name outside the pool), 0.0 otherwise. Hitting
+`params.max_steps` truncates. The scripted expert searches along the chain and answers: success 1.0 whenever
+max_steps >= hops + 1. A uniformly random command from the table succeeds about 1/num_entities of the time (it
+answers early, at random: measured 0.027-0.035 over 4096 episodes at hops 1-4), random tokens never parse (0.0).
+
+Sizes with ByteTokenizer and the defaults (32 entities, max_hops 4): initial observation <= 119 tokens, search
+result <= 62, answer <= 21, invalid-action feedback 55; max_obs_len 119. The expert's actions take up to 13 tokens
+plain (`answer Lenta` + end of step) and 36 with its think section.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from stepjax.envs.base import CommandTable, Environment, Fragments, StepInfo, host_array, unless_done
+from stepjax.tokenizers import Tokenizer
+
+Array = Any
+
+# Pseudo-words of 4-6 letters, distinct, none a relation word: the entity pool (the first `num_entities` are used).
+ENTITY_NAMES = (
+    "Zorva", "Kalin", "Pemo", "Dorna", "Vesk", "Talo", "Mirel", "Bruna",
+    "Fenwo", "Gaspi", "Hollo", "Isko", "Jarel", "Kumo", "Lenta", "Mavo",
+    "Nerit", "Oskal", "Pilvo", "Quara", "Rusko", "Sefa", "Tumbi", "Ulmar",
+    "Varo", "Wenda", "Xilo", "Yarra", "Zeno", "Aldo", "Bisca", "Corra",
+    "Delma", "Erno", "Fiska", "Gorum", "Hesta", "Ilva", "Jorn", "Kesti",
+    "Lurra", "Mondo", "Nilsa", "Orvi", "Pasko", "Rilla", "Sorne", "Tovi",
+)
+RELATIONS = ("mentor", "city", "rival", "author")
+STEP_FORMATS = ("plain", "think")
+SUCCESS_REWARD = 1.0
+
+INTRO_TEXT = "Answer with: search <name>, answer <name>.\n"
+INVALID_TEXT = "Invalid action. Use: search <name> or answer <name>.\n> "
+# The expert's think sections (step_format="think"): which of the two moves it is making.
+THINK_SEARCH_TEXT = "<think>I need the next fact.</think>"
+THINK_ANSWER_TEXT = "<think>I know the answer.</think>"
+
+
+@struct.dataclass
+class LookupQAParams:
+  """Traced per-run settings. `hops` is the difficulty knob (clipped to [1, max_hops]); `max_steps` truncates;
+  `invalid_penalty` is added for an action that spells no command (0.0 keeps the reward sparse; e.g. -0.1 shapes
+  the command format)."""
+
+  hops: int = 2
+  max_steps: int = 8
+  invalid_penalty: float = 0.0
+
+
+@struct.dataclass
+class LookupQAState:
+  """One episode. N = num_entities, H = max_hops, R = len(RELATIONS)."""
+
+  facts: Array  # [N, R] int32: facts[e, r] = the entity that is relation r of entity e
+  chain: Array  # [H + 1] int32: e0 ... eH, distinct; the answer is chain[hops]
+  path: Array  # [H] int32: the relation r_{i+1} leading from chain[i] to chain[i + 1]
+  hops: Array  # [] int32
+  searched: Array  # [N] bool: entities the agent has searched
+  answered: Array  # [] int32: the entity answered, -1 before the answer
+  step_count: Array  # [] int32
+  done: Array  # [] bool
+  success: Array  # [] bool
+
+
+class LookupQA(Environment):
+  """Multi-hop QA over a per-episode knowledge base; see the module docstring.
+
+  Static settings: `num_entities` (pool size, 2 verbs x pool = the command table), `max_hops`, `max_obs_len`
+  (default: the worst case; a larger value pads, a smaller one is a ValueError), `max_action_len` (default 24
+  plain, 64 think), `step_format` ("plain", or "think": `<think>...</think>` then exactly one command).
+  """
+
+  name = "lookup_qa"
+
+  def __init__(self, tokenizer: Tokenizer, *, num_entities: int = 32, max_hops: int = 4,
+               max_obs_len: int | None = None, max_action_len: int | None = None, step_format: str = "plain"):
+    if step_format not in STEP_FORMATS:
+      raise ValueError(f"step_format: expected one of {STEP_FORMATS}, got {step_format!r}")
+    if max_hops < 1:
+      raise ValueError(f"max_hops: expected >= 1, got {max_hops}")
+    if not max_hops + 1 <= num_entities <= len(ENTITY_NAMES):
+      raise ValueError(f"num_entities: expected max_hops + 1 = {max_hops + 1} ... {len(ENTITY_NAMES)}, "
+                       f"got {num_entities}")
+    self.tokenizer = tokenizer
+    self.num_entities = num_entities
+    self.max_hops = max_hops
+    self.step_format = step_format
+    self.entity_names = ENTITY_NAMES[:num_entities]
+    names = self.entity_names
+    # Command c: search entity c for c < N, answer entity c - N otherwise.
+    self.commands = CommandTable(tokenizer, [f"search {e}" for e in names] + [f"answer {e}" for e in names],
+                                 think=step_format == "think")
+    self._think_search_ids = tokenizer.encode(THINK_SEARCH_TEXT) if step_format == "think" else []
+    self._think_answer_ids = tokenizer.encode(THINK_ANSWER_TEXT) if step_format == "think" else []
+
+    texts: list[str] = []
+
+    def add(*pieces: str) -> int:
+      texts.extend(pieces)
+      return len(texts) - len(pieces)
+
+    self._name0 = add(*names)
+    self._relation0 = add(*RELATIONS)
+    self._intro = add(INTRO_TEXT)
+    self._question = add("Q: what is the ")
+    self._of_the = add(" of the ")
+    self._of = add(" of ")
+    self._question_end = add("?\n> ")
+    self._colon = add(": ")
+    self._space = add(" ")
+    self._fact_separator = add("; ")
+    self._facts_end = add(".\n> ")
+    self._correct = add("Correct.\n")
+    self._wrong = add("Wrong, it was ")
+    self._wrong_end = add(".\n")
+    self._invalid = add(INVALID_TEXT)
+    self.fragments = Fragments(tokenizer, texts)
+
+    num_relations = len(RELATIONS)
+    longest_name = self.fragments.longest(range(self._name0, self._name0 + num_entities))
+    longest_relation = self.fragments.longest(range(self._relation0, self._relation0 + num_relations))
+    worst_cases = {
+        "question": [self._intro, self._question] + [longest_relation, self._of_the] * (max_hops - 1)
+                    + [longest_relation, self._of, longest_name, self._question_end],
+        "facts": [longest_name, self._colon]
+                 + sum(([self._relation0 + r, self._space, longest_name, self._fact_separator]
+                        for r in range(num_relations)), [])[:-1] + [self._facts_end],
+        "answer": [self.fragments.longest([self._correct, self._wrong]), longest_name, self._wrong_end],
+        "invalid": [self._invalid],
+    }
+    # The worst cases have the slot layouts of the real observations, with the longest fragment in every slot.
+    self._num_slots = max(len(slots) for slots in worst_cases.values())
+    self.max_obs_lens = {kind: self.fragments.max_len_of(slots) for kind, slots in worst_cases.items()}
+    worst = max(self.max_obs_lens.values())
+    if max_obs_len is not None and max_obs_len < worst:
+      raise ValueError(f"max_obs_len: an observation can take {worst} tokens with this tokenizer, got {max_obs_len}")
+    self.max_obs_len = worst if max_obs_len is None else max_obs_len
+
+    longest_think = max(len(self._think_search_ids), len(self._think_answer_ids))
+    expert_len = longest_think + int(self.commands.lengths.max()) + 1
+    self.max_action_len = (24 if step_format == "plain" else 64) if max_action_len is None else max_action_len
+    if self.max_action_len < expert_len:
+      raise ValueError(f"max_action_len: the expert's actions take up to {expert_len} tokens, got {max_action_len}")
+
+  def default_params(self) -> LookupQAParams:
+    return LookupQAParams()
+
+  # --------------------------------------------------------------------------------------------------------------
+  # Observations: fixed-size slot vectors of fragment indices (-1 = nothing), composed into tokens.
+
+  def _pad_slots(self, slots: Array) -> Array:
+    return jnp.concatenate([slots, jnp.full((self._num_slots - slots.shape[0],), -1, jnp.int32)])
+
+  def _question_slots(self, state: LookupQAState) -> Array:
+    """"Answer with... Q: what is the r_k of the ... of the r_1 of e0?" -> [num_slots]; outermost relation first."""
+    hop = jnp.arange(self.max_hops)
+    relation = state.path[jnp.clip(state.hops - 1 - hop, 0, self.max_hops - 1)]
+    relation_slot = jnp.where(hop < state.hops, self._relation0 + relation, -1)
+    separator = jnp.where(hop < state.hops - 1, self._of_the, jnp.where(hop == state.hops - 1, self._of, -1))
+    middle = jnp.stack([relation_slot, separator], axis=1).reshape(-1)
+    slots = jnp.concatenate([jnp.asarray([self._intro, self._question], jnp.int32), middle.astype(jnp.int32),
+                             jnp.stack([self._name0 + state.chain[0], jnp.int32(self._question_end)])])
+    return self._pad_slots(slots.astype(jnp.int32))
+
+  def _facts_slots(self, state: LookupQAState, entity: Array) -> Array:
+    """"e: mentor x; city y; rival z; author w." -> [num_slots]."""
+    relation = jnp.arange(len(RELATIONS))
+    separator = jnp.where(relation < len(RELATIONS) - 1, self._fact_separator, self._facts_end)
+    per_relation = jnp.stack([self._relation0 + relation, jnp.full_like(relation, self._space),
+                              self._name0 + state.facts[entity], separator], axis=1).reshape(-1)
+    slots = jnp.concatenate([jnp.stack([self._name0 + entity, jnp.int32(self._colon)]), per_relation])
+    return self._pad_slots(slots.astype(jnp.int32))
+
+  def _answer_slots(self, correct: Array, answer: Array) -> Array:
+    """"Correct." or "Wrong, it was <answer>." -> [num_slots]."""
+    slots = jnp.stack([jnp.where(correct, self._correct, self._wrong), jnp.where(correct, -1, self._name0 + answer),
+                       jnp.where(correct, -1, self._wrong_end)])
+    return self._pad_slots(slots.astype(jnp.int32))
+
+  # --------------------------------------------------------------------------------------------------------------
+  # The environment API.
+
+  def reset(self, key: Array, params: LookupQAParams) -> tuple[LookupQAState, Array, Array]:
+    """-> (state, obs [max_obs_len] int32, obs_len)."""
+    n, max_hops, num_relations = self.num_entities, self.max_hops, len(RELATIONS)
+    hops = jnp.clip(jnp.asarray(params.hops, jnp.int32), 1, max_hops)
+    # One draw of random bits for the whole episode: each jax.random call costs seconds of XLA compile on CPU.
+    # The modulo bias of 31-bit integers reduced mod <= 48 is negligible.
+    draws = (jax.random.bits(key, (n + max_hops + n * num_relations,), jnp.uint32) >> 1).astype(jnp.int32)
+    chain_scores, path_draws, fact_draws = jnp.split(draws, [n, n + max_hops])
+    chain = jnp.argsort(chain_scores)[:max_hops + 1].astype(jnp.int32)  # Distinct entities.
+    path = path_draws % num_relations
+    # Random distractor facts (never an entity's own name), then the chain written over them.
+    offsets = 1 + fact_draws.reshape(n, num_relations) % (n - 1)
+    facts = (jnp.arange(n, dtype=jnp.int32)[:, None] + offsets) % n
+    facts = facts.at[chain[:max_hops], path].set(chain[1:])
+    state = LookupQAState(facts=facts, chain=chain, path=path, hops=hops, searched=jnp.zeros((n,), bool),
+                          answered=jnp.int32(-1), step_count=jnp.int32(0), done=jnp.bool_(False),
+                          success=jnp.bool_(False))
+    obs, obs_len = self.fragments.compose(self._question_slots(state), self.max_obs_len)
+    return state, obs, obs_len
+
+  def step(self, key: Array, state: LookupQAState, action: Array, action_len: Array, params: LookupQAParams):
+    """action [A] int32 (A any), action_len [] -> (state, obs [max_obs_len] int32, obs_len, reward float32,
+    terminated, truncated, StepInfo). A finished episode stays as it is: empty obs, zero reward, no flags."""
+    del key  # Deterministic transitions.
+    n = self.num_entities
+    command = self.commands.match(action, action_len)
+    parsed = command >= 0
+    entity = jnp.maximum(command, 0) % n
+    is_search = parsed & (command < n)
+    is_answer = parsed & (command >= n)
+    answer = state.chain[state.hops]
+    correct = is_answer & (entity == answer)
+    step_count = state.step_count + 1
+    terminated = is_answer
+    truncated = ~terminated & (step_count >= params.max_steps)
+    reward = jnp.where(correct, SUCCESS_REWARD, 0.0) + jnp.where(parsed, 0.0, params.invalid_penalty)
+
+    invalid_slots = self._pad_slots(jnp.asarray([self._invalid], jnp.int32))
+    slots = jnp.where(is_search, self._facts_slots(state, entity),
+                      jnp.where(is_answer, self._answer_slots(correct, answer), invalid_slots))
+    obs, obs_len = self.fragments.compose(slots, self.max_obs_len)
+    next_state = state.replace(searched=state.searched.at[entity].set(state.searched[entity] | is_search),
+                               answered=jnp.where(is_answer, entity, state.answered), step_count=step_count,
+                               done=terminated | truncated, success=correct)
+    return unless_done(state, next_state, obs, obs_len, reward, terminated, truncated, StepInfo(parsed, correct))
+
+  def expert_action(self, key: Array, state: LookupQAState, params: LookupQAParams) -> tuple[Array, Array]:
+    """Search the first chain entity not searched yet, in chain order; answer once all of them are.
+    -> (tokens [max_action_len] int32, length)."""
+    del key, params
+    on_path = jnp.arange(self.max_hops) < state.hops
+    to_search = on_path & ~state.searched[state.chain[:self.max_hops]]
+    searching = jnp.any(to_search)
+    command = jnp.where(searching, state.chain[jnp.argmax(to_search)], self.num_entities + state.chain[state.hops])
+    eos = self.tokenizer.end_of_step_id
+    if self.step_format == "plain":
+      return self.commands.encode(command, self.max_action_len, eos)
+    search_tokens, search_len = self.commands.encode(command, self.max_action_len, eos, self._think_search_ids)
+    answer_tokens, answer_len = self.commands.encode(command, self.max_action_len, eos, self._think_answer_ids)
+    return jnp.where(searching, search_tokens, answer_tokens), jnp.where(searching, search_len, answer_len)
+
+  def question_text(self, state: LookupQAState) -> str:
+    """The question of one concrete state, as the initial observation words it (host side)."""
+    s = jax.tree_util.tree_map(host_array, state)
+    relations = [RELATIONS[s.path[i]] for i in reversed(range(int(s.hops)))]
+    return f"Q: what is the {' of the '.join(relations)} of {self.entity_names[s.chain[0]]}?"
+
+  def render(self, state: LookupQAState) -> str:
+    s = jax.tree_util.tree_map(host_array, state)
+    names, hops = self.entity_names, int(s.hops)
+    chain = names[s.chain[0]] + "".join(f" -{RELATIONS[s.path[i]]}-> {names[s.chain[i + 1]]}" for i in range(hops))
+    facts = [f"  {names[e]}: " + "; ".join(f"{r} {names[s.facts[e, j]]}" for j, r in enumerate(RELATIONS))
+             for e in s.chain[:hops]]
+    searched = ", ".join(names[e] for e in np.flatnonzero(s.searched)) or "-"
+    if s.answered >= 0:
+      status = f"answered {names[s.answered]} ({'correct' if s.success else 'wrong'})"
+    else:
+      status = "done (truncated)" if s.done else "running"
+    return "\n".join([self.question_text(state), f"chain: {chain}  (answer {names[s.chain[hops]]})",
+                      "facts along the chain:", *facts, f"searched: {searched}",
+                      f"step {int(s.step_count)}, {status}"])
+
+

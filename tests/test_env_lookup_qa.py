@@ -1,0 +1,310 @@
+"""lookup_qa: the expert solves every episode, random policies rarely do, episodes are fixed by their key,
+observations read as documented and always fit, invalid actions and finished episodes are harmless, random token
+actions never break anything, the think step format.
+
+Compile budget (2 shared CPU cores): one jitted, vmapped rollout per step format with the policy as data, and one
+jitted single step; every test reuses them with the same shapes and dtypes."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from stepjax.envs.base import Environment
+from stepjax.envs.lookup_qa import INTRO_TEXT, INVALID_TEXT, RELATIONS, LookupQA, LookupQAParams
+from stepjax.tokenizers import ByteTokenizer
+
+NUM_EPISODES, NUM_STEPS = 128, 10
+EXPERT, RANDOM_COMMAND, RANDOM_TOKENS, GIVEN = range(4)
+
+TOKENIZER = ByteTokenizer()
+THINK_TOKENIZER = ByteTokenizer(extra_special_tokens=("<think>", "</think>"))
+ENV = LookupQA(TOKENIZER)
+THINK_ENV = LookupQA(THINK_TOKENIZER, step_format="think")
+NAMES = ENV.entity_names
+A = ENV.max_action_len
+
+
+def make_rollout(env, num_steps):
+  """One jitted episode loop, vmapped over keys, for every policy: the policy is a traced `mode`, so each env
+  compiles it once. (keys [B], params, mode, given_actions [B, T, A], given_lens [B, T]) -> dict of arrays."""
+  action_len_max, vocab_size = env.max_action_len, env.tokenizer.vocab_size
+  # Every command as an action, laid out on the host (a gather from a constant compiles faster than `encode`).
+  command_actions = [env.tokenizer.encode(text) + [env.tokenizer.end_of_step_id] for text in env.commands.commands]
+  command_lens = jnp.asarray([len(ids) for ids in command_actions], jnp.int32)
+  command_actions = jnp.asarray([ids + [0] * (action_len_max - len(ids)) for ids in command_actions], jnp.int32)
+
+  def episode(key, params, mode, given_actions, given_lens):
+    reset_key, policy_key, env_key = jax.random.split(key, 3)
+    state, obs, obs_len = env.reset(reset_key, params)
+    # All the random policies' draws at once (each jax.random call is seconds of compile on a loaded CPU).
+    draws = (jax.random.bits(policy_key, (num_steps, action_len_max + 2), jnp.uint32) >> 1).astype(jnp.int32)
+
+    def body(state, inputs):
+      step_draws, given_action, given_len = inputs
+      expert_action, expert_len = env.expert_action(policy_key, state, params)
+      command = step_draws[0] % command_lens.shape[0]
+      command_action, command_len = command_actions[command], command_lens[command]
+      random_len = step_draws[1] % (action_len_max + 1)
+      random_action = jnp.where(jnp.arange(action_len_max) < random_len, step_draws[2:] % vocab_size, 0)
+      action = jnp.stack([expert_action, command_action, random_action, given_action])[mode]
+      action_len = jnp.stack([expert_len, command_len, random_len, given_len])[mode]
+      state, obs, obs_len, reward, terminated, truncated, info = env.step(env_key, state, action, action_len, params)
+      return state, dict(obs=obs, obs_len=obs_len, reward=reward, terminated=terminated, truncated=truncated,
+                         parsed=info.parsed, success=info.success, action=action, action_len=action_len)
+
+    final_state, steps = jax.lax.scan(body, state, (draws, given_actions, given_lens))
+    return dict(initial_state=state, initial_obs=obs, initial_len=obs_len, final_state=final_state, **steps)
+
+  jitted = jax.jit(jax.vmap(episode, in_axes=(0, None, None, 0, 0)))
+
+  def run(keys, params, mode, given_actions=None, given_lens=None):
+    if given_actions is None:
+      given_actions = jnp.zeros((keys.shape[0], num_steps, action_len_max), jnp.int32)
+      given_lens = jnp.zeros((keys.shape[0], num_steps), jnp.int32)
+    return jax.device_get(jitted(keys, params, jnp.int32(mode), given_actions, given_lens))
+
+  return run
+
+
+ROLLOUT = make_rollout(ENV, NUM_STEPS)
+THINK_ROLLOUT = make_rollout(THINK_ENV, NUM_STEPS)
+STEP = jax.jit(ENV.step)
+KEYS = jax.random.split(jax.random.PRNGKey(0), NUM_EPISODES)
+
+
+def params(**overrides) -> LookupQAParams:
+  return ENV.default_params().replace(**overrides)
+
+
+@functools.cache
+def expert_run(hops: int):
+  return ROLLOUT(KEYS, params(hops=hops), EXPERT)
+
+
+def episode(run, b: int):
+  """Row b of a rollout's arrays."""
+  return jax.tree_util.tree_map(lambda x: x[b], run)
+
+
+def decode(tokens, length) -> str:
+  return TOKENIZER.decode(np.asarray(tokens)[:int(length)])
+
+
+def action_of(text: str, tokenizer=TOKENIZER, length: int = A) -> tuple[jax.Array, jax.Array]:
+  """`text` + end of step as an [length] action."""
+  ids = tokenizer.encode(text) + [tokenizer.end_of_step_id]
+  return jnp.asarray(ids + [0] * (length - len(ids)), jnp.int32), jnp.int32(len(ids))
+
+
+def test_is_an_environment_with_documented_sizes():
+  assert isinstance(ENV, Environment)
+  assert ENV.max_obs_len == max(ENV.max_obs_lens.values()) <= 150
+  assert ENV.max_obs_lens["facts"] <= 100
+  assert (ENV.max_action_len, THINK_ENV.max_action_len) == (24, 64)
+  assert len(ENV.commands.commands) == 2 * ENV.num_entities == 64
+  assert len(set(NAMES)) == len(NAMES) and all(4 <= len(name) <= 6 for name in NAMES)
+
+
+@pytest.mark.parametrize("hops", [1, 2, 3, 4])
+def test_expert_solves_every_episode_in_hops_plus_one_steps(hops):
+  run = expert_run(hops)
+  success = run["success"].any(axis=1)
+  assert success.mean() == 1.0
+  np.testing.assert_array_equal(run["terminated"].argmax(axis=1), hops)  # Terminated at step hops + 1.
+  np.testing.assert_allclose(run["reward"].sum(axis=1), 1.0)
+  assert not run["truncated"].any() and run["parsed"][:, :hops + 1].all()
+  assert run["final_state"].done.all() and (run["final_state"].step_count == hops + 1).all()
+
+
+def test_expert_reads_the_true_next_hop_and_is_truncated_without_budget():
+  run = expert_run(2)
+  for b in range(8):
+    row = episode(run, b)
+    chain, path = row["initial_state"].chain, row["initial_state"].path
+    first_result = decode(row["obs"][0], row["obs_len"][0])
+    assert first_result.startswith(f"{NAMES[chain[0]]}: ") and f"{RELATIONS[path[0]]} {NAMES[chain[1]]}" in first_result
+  short = ROLLOUT(KEYS, params(hops=3, max_steps=3), EXPERT)
+  assert not short["success"].any() and short["truncated"][:, 2].all() and not short["terminated"].any()
+  assert (short["obs_len"][:, 3:] == 0).all()  # Steps after the truncation are no-ops.
+
+
+def test_random_policies_rarely_succeed():
+  commands = ROLLOUT(KEYS, params(), RANDOM_COMMAND)
+  command_success = commands["success"].any(axis=1).mean()
+  assert command_success <= 0.1, command_success  # About 1 / num_entities: it answers early, at random.
+  tokens = ROLLOUT(KEYS, params(), RANDOM_TOKENS)
+  assert tokens["success"].sum() == 0 and tokens["parsed"].sum() == 0
+  assert tokens["truncated"][:, ENV.default_params().max_steps - 1].all()
+
+
+def test_same_key_same_episode_different_keys_differ():
+  first, again = ROLLOUT(KEYS, params(), RANDOM_COMMAND), ROLLOUT(KEYS, params(), RANDOM_COMMAND)
+  for name in ("initial_obs", "initial_len", "obs", "obs_len", "reward"):
+    np.testing.assert_array_equal(first[name], again[name], err_msg=name)
+  np.testing.assert_array_equal(first["initial_state"].facts, again["initial_state"].facts)
+  distinct_questions = {bytes(np.asarray(row)) for row in first["initial_obs"]}
+  assert len(distinct_questions) >= 0.7 * NUM_EPISODES  # 32 x 4^2 questions at 2 hops: a few repeat by chance.
+  assert len({bytes(np.asarray(f)) for f in first["initial_state"].facts}) == NUM_EPISODES
+
+
+@pytest.mark.parametrize("mode", [EXPERT, RANDOM_COMMAND, RANDOM_TOKENS])
+def test_observations_fit_and_are_zero_padded(mode):
+  run = ROLLOUT(KEYS, params(hops=4), mode)
+  for obs, obs_len in ((run["initial_obs"], run["initial_len"]), (run["obs"], run["obs_len"])):
+    assert obs.shape[-1] == ENV.max_obs_len and obs.dtype == np.int32
+    assert ((0 <= obs_len) & (obs_len <= ENV.max_obs_len)).all()
+    positions = np.arange(ENV.max_obs_len)
+    assert (obs[positions >= obs_len[..., None]] == 0).all()
+    assert (obs[positions < obs_len[..., None]] >= 3).all() and (obs < TOKENIZER.vocab_size).all()  # No specials.
+  assert run["initial_len"].max() <= ENV.max_obs_lens["question"]
+
+
+def test_initial_observation_states_task_question_and_cue():
+  run = expert_run(2)
+  for b in range(8):
+    row = episode(run, b)
+    chain, path = row["initial_state"].chain, row["initial_state"].path
+    question = f"Q: what is the {RELATIONS[path[1]]} of the {RELATIONS[path[0]]} of {NAMES[chain[0]]}?"
+    assert decode(row["initial_obs"], row["initial_len"]) == INTRO_TEXT + question + "\n> "
+    assert ENV.question_text(row["initial_state"]) == question
+  assert INTRO_TEXT == "Answer with: search <name>, answer <name>.\n"
+
+
+def test_search_and_answer_observations_read_as_written():
+  state = episode(expert_run(2), 0)["initial_state"]
+  facts = np.asarray(state.facts).copy()
+  facts[NAMES.index("Zorva")] = [NAMES.index(name) for name in ("Kalin", "Pemo", "Dorna", "Vesk")]
+  chain = np.asarray(state.chain).copy()
+  chain[:3] = [NAMES.index(name) for name in ("Zorva", "Kalin", "Lenta")]
+  state = state.replace(facts=jnp.asarray(facts), chain=jnp.asarray(chain))
+  key = jax.random.PRNGKey(1)
+
+  next_state, obs, obs_len, reward, terminated, truncated, info = STEP(key, state, *action_of("search Zorva"), params())
+  assert decode(obs, obs_len) == "Zorva: mentor Kalin; city Pemo; rival Dorna; author Vesk.\n> "
+  assert (reward, terminated, truncated, info.parsed, info.success) == (0.0, False, False, True, False)
+  assert next_state.searched[NAMES.index("Zorva")] and next_state.searched.sum() == 1
+
+  _, obs, obs_len, reward, terminated, _, info = STEP(key, state, *action_of("answer Kalin"), params())
+  assert decode(obs, obs_len) == "Wrong, it was Lenta.\n"
+  assert (reward, terminated, info.success) == (0.0, True, False)
+  done_state, obs, obs_len, reward, terminated, _, info = STEP(key, state, *action_of("answer Lenta"), params())
+  assert decode(obs, obs_len) == "Correct.\n"
+  assert (reward, terminated, info.success) == (1.0, True, True)
+  assert done_state.done and done_state.answered == NAMES.index("Lenta")
+
+
+@pytest.mark.parametrize("text", ["", "search", "search zorva", "search Nobody", "answer  Zorva", "Search Zorva",
+                                  "search Zorva please", "look", "answer Zorva\nKalin"])
+def test_invalid_actions_give_fixed_feedback_and_penalty_and_change_nothing_else(text):
+  state = episode(expert_run(2), 3)["initial_state"]
+  next_state, obs, obs_len, reward, terminated, truncated, info = STEP(
+      jax.random.PRNGKey(2), state, *action_of(text), params(invalid_penalty=-0.1))
+  assert decode(obs, obs_len) == INVALID_TEXT
+  assert INVALID_TEXT == "Invalid action. Use: search <name> or answer <name>.\n> "
+  np.testing.assert_allclose(reward, -0.1)
+  assert not (terminated or truncated or info.parsed or info.success)
+  expected = state.replace(step_count=state.step_count + 1)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, next_state, expected)
+
+
+def test_garbage_tokens_and_trailing_stop_tokens():
+  state = episode(expert_run(2), 3)["initial_state"]
+  key = jax.random.PRNGKey(3)
+  garbage = jnp.asarray(np.random.default_rng(0).integers(0, TOKENIZER.vocab_size, A), jnp.int32)
+  _, obs, obs_len, reward, *_ = STEP(key, state, garbage, jnp.int32(A), params(invalid_penalty=-0.5))
+  assert decode(obs, obs_len) == INVALID_TEXT and reward == np.float32(-0.5)
+  # The end-of-step and end-of-episode ids close a step; they are not part of the command.
+  name = NAMES[int(state.chain[0])]
+  action, length = action_of(f"search {name}<|end_of_episode|>")
+  _, obs, obs_len, _, _, _, info = STEP(key, state, action, length, params())
+  assert info.parsed and decode(obs, obs_len).startswith(f"{name}: ")
+
+
+def test_stepping_a_finished_episode_is_a_no_op():
+  state = episode(expert_run(1), 5)["final_state"]
+  assert state.done
+  next_state, obs, obs_len, reward, terminated, truncated, info = STEP(
+      jax.random.PRNGKey(4), state, *action_of("search Zorva"), params(invalid_penalty=-0.1))
+  assert obs_len == 0 and not obs.any() and reward == 0.0
+  assert not (terminated or truncated or info.parsed or info.success)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, next_state, state)
+  run = expert_run(1)
+  assert (run["obs_len"][:, 2:] == 0).all() and (run["reward"][:, 2:] == 0).all()
+
+
+@functools.cache
+def fuzz_states():
+  """A fresh episode, one the expert finished, one a random policy left mid-way or finished."""
+  random_run = ROLLOUT(KEYS, params(hops=3), RANDOM_COMMAND)
+  return (episode(expert_run(3), 7)["initial_state"], episode(expert_run(3), 7)["final_state"],
+          episode(random_run, 9)["final_state"])
+
+
+@settings(max_examples=40, deadline=None)
+@given(tokens=st.lists(st.integers(0, TOKENIZER.vocab_size - 1), min_size=A, max_size=A),
+       length=st.integers(0, A), command=st.integers(-1, 2 * ENV.num_entities - 1), which=st.integers(0, 2))
+def test_random_token_actions_never_break_anything(tokens, length, command, which):
+  action = jnp.asarray(tokens, jnp.int32)
+  if command >= 0:  # A real command and end of step, random tokens after them, cut at a random length.
+    command_tokens, _ = action_of(ENV.commands.text(command))
+    action = jnp.where(command_tokens > 0, command_tokens, action)
+  state = fuzz_states()[which]
+  next_state, obs, obs_len, reward, terminated, truncated, info = STEP(
+      jax.random.PRNGKey(5), state, action, jnp.int32(length), params(hops=3, invalid_penalty=-0.1))
+  obs = np.asarray(obs)
+  assert obs.shape == (ENV.max_obs_len,) and 0 <= obs_len <= ENV.max_obs_len
+  assert (obs[obs_len:] == 0).all() and ((obs >= 0) & (obs < TOKENIZER.vocab_size)).all()
+  assert float(reward) in (0.0, 1.0, np.float32(-0.1)) and reward.dtype == np.float32
+  assert not (terminated and truncated) and (info.success <= terminated)
+  assert bool(next_state.done) == bool(state.done or terminated or truncated)
+  assert 0 <= next_state.step_count - state.step_count <= 1 and -1 <= next_state.answered < ENV.num_entities
+  assert (next_state.facts == state.facts).all() and (next_state.searched >= state.searched).all()
+  if not info.parsed:
+    assert state.done or decode(obs, obs_len) == INVALID_TEXT
+
+
+def test_think_format_expert_succeeds_and_plain_commands_are_invalid():
+  run = THINK_ROLLOUT(KEYS, params(hops=3), EXPERT)
+  assert run["success"].any(axis=1).all()
+  first_action = THINK_TOKENIZER.decode(run["action"][0, 0, :run["action_len"][0, 0]])
+  assert first_action.startswith("<think>") and "</think>search " in first_action
+  last_action = THINK_TOKENIZER.decode(run["action"][0, 3, :run["action_len"][0, 3]])
+  assert last_action.startswith("<think>I know the answer.</think>answer ")
+  assert run["action_len"].max() <= THINK_ENV.max_action_len
+
+  plain_action, plain_len = action_of("search Zorva", THINK_TOKENIZER, THINK_ENV.max_action_len)
+  think_action, think_len = action_of("<think>hm</think>search Zorva", THINK_TOKENIZER, THINK_ENV.max_action_len)
+  given_actions = jnp.stack([plain_action, think_action] * (NUM_STEPS // 2))[None].repeat(NUM_EPISODES, axis=0)
+  given_lens = jnp.stack([plain_len, think_len] * (NUM_STEPS // 2))[None].repeat(NUM_EPISODES, axis=0)
+  given = THINK_ROLLOUT(KEYS, params(max_steps=NUM_STEPS), GIVEN, given_actions, given_lens)
+  assert not given["parsed"][:, 0::2].any() and given["parsed"][:, 1::2].all()
+  assert THINK_TOKENIZER.decode(given["obs"][0, 0, :given["obs_len"][0, 0]]) == INVALID_TEXT
+  assert THINK_TOKENIZER.decode(given["obs"][0, 1, :given["obs_len"][0, 1]]).startswith("Zorva: mentor ")
+
+
+def test_render_shows_question_chain_and_status():
+  row = episode(expert_run(2), 0)
+  initial, final = row["initial_state"], row["final_state"]
+  text = ENV.render(initial)
+  assert ENV.question_text(initial) in text and "running" in text
+  assert all(NAMES[int(e)] in text for e in np.asarray(initial.chain)[:3])
+  assert f"answered {NAMES[int(initial.chain[2])]} (correct)" in ENV.render(final)
+
+
+def test_constructor_validates_settings():
+  with pytest.raises(ValueError, match="max_obs_len"):
+    LookupQA(TOKENIZER, max_obs_len=ENV.max_obs_len - 1)
+  with pytest.raises(ValueError, match="step_format"):
+    LookupQA(TOKENIZER, step_format="json")
+  with pytest.raises(ValueError, match="think"):
+    LookupQA(TOKENIZER, step_format="think")  # No <think> special tokens in this tokenizer.
+  with pytest.raises(ValueError, match="num_entities"):
+    LookupQA(TOKENIZER, num_entities=4, max_hops=4)
+  with pytest.raises(ValueError, match="max_action_len"):
+    LookupQA(TOKENIZER, max_action_len=8)
+  assert LookupQA(TOKENIZER, max_obs_len=256).max_obs_len == 256
