@@ -21,11 +21,14 @@ demo: $(STAMP)
 	@echo "The training demo (SFT warm start + StepPO vs token-level PPO vs GRPO on the embedded default"
 	@echo "environment) arrives with the learner; until then \`make demo\` runs the credit-assignment benchmark."
 
+# Two workers (one per core); whole files per worker so each file's compiled functions are reused.
 test: $(STAMP)
-	XLA_FLAGS=$(TEST_XLA_FLAGS) $(PY) -m pytest tests
+	XLA_FLAGS=$(TEST_XLA_FLAGS) $(PY) -m pytest -n 2 --dist loadfile tests
 
 bench: $(STAMP)
-	$(PY) -m benchmarks.credit --markdown BENCHMARKS.credit.md
+	$(PY) -m benchmarks.credit
+	$(PY) -m benchmarks.generate
+	$(PY) -m benchmarks.rollout
 
 # Re-pin constraints.txt from what is installed in .venv.
 lock: $(STAMP)

@@ -92,3 +92,48 @@ def test_host_local_to_global_single_process():
   g = sharding.host_local_to_global({"x": x}, mesh)["x"]
   assert g.shape == (16, 2) and g.sharding.spec == P(("data", "fsdp"), None)
   np.testing.assert_array_equal(np.asarray(g), x)
+
+
+@needs_8
+def test_transformer_logits_and_grads_on_meshes_match_one_device():
+  """The real model on (8,1,1), (2,4,1) and (2,2,2) meshes: same logits and gradients as one device, and every
+  parameter laid out as the rule table declares."""
+  from stepjax.models import transformer
+
+  config = transformer.get_config("tiny", dtype="float32", vocab_size=128, hidden_size=64, intermediate_size=128,
+                                  head_dim=16)
+  model = transformer.Transformer(config)
+  tokens = jax.random.randint(jax.random.key(2), (8, 24), 0, config.vocab_size)
+
+  def loss(params, tokens):
+    logits, _, _ = model.apply({"params": params}, tokens)
+    logp = jax.nn.log_softmax(logits[:, :-1], -1)
+    return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], -1)), logits
+
+  init = lambda key: model.init(key, tokens)["params"]
+  params = nn.meta.unbox(jax.jit(init)(jax.random.key(0)))
+  (ref_loss, ref_logits), ref_grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params, tokens)
+  table = sharding.get_rules("fsdp_tp")
+  specs = sharding.logical_specs(jax.eval_shape(init, jax.random.key(0)))
+  for shape in [(8, 1, 1), (2, 4, 1), (2, 2, 2)]:
+    mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, shape)))
+    sharded, param_shardings = sharding.sharded_init(init, mesh, table, jax.random.key(0))
+    # Layout: what the rules say for every parameter (e.g. q_proj [embed, heads, head_dim] -> (fsdp, tensor, None)).
+    expected = sharding.shardings_from_logical(specs, mesh, table)
+    jax.tree_util.tree_map(lambda x, s: assert_same_spec(x.sharding, s, mesh), sharded, expected)
+    q = sharded["layers_0"]["attn"]["q_proj"]["kernel"]
+    assert q.sharding.spec == P("fsdp", "tensor", None)
+    assert q.addressable_shards[0].data.shape == (64 // shape[1], 4 // shape[2], 16)
+    step = sharding.jit_with_rules(jax.value_and_grad(loss, has_aux=True), mesh, table,
+                                   in_shardings=(param_shardings, sharding.batch_sharding(mesh)))
+    (got_loss, got_logits), got_grads = step(sharded, sharding.shard_batch(tokens, mesh))
+    np.testing.assert_allclose(got_loss, ref_loss, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(got_logits), np.asarray(ref_logits), atol=1e-5)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5),
+                           got_grads, ref_grads)
+
+
+def assert_same_spec(actual, expected, mesh):
+  """Two shardings agree up to trailing replicated axes."""
+  strip = lambda spec: tuple(spec) + (None,) * (8 - len(spec))
+  assert strip(actual.spec) == strip(expected.spec), (actual.spec, expected.spec)
