@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from stepjax.envs.base import CommandTable, Environment, Fragments, StepInfo, host_array
+from stepjax.envs.base import CommandTable, Environment, Fragments, StepInfo, host_array, unless_done
 from stepjax.tokenizers import Tokenizer, pad_batch
 
 Array = Any
@@ -397,13 +397,7 @@ class TextWorldLite(Environment):
     reward = jnp.where(success, SUCCESS_REWARD, jnp.where(legal, 0.0, params.invalid_penalty)).astype(jnp.float32)
 
     # Stepping a finished episode: nothing changes, nothing is said.
-    was_done = state.done
-    next_state = jax.tree.map(lambda old, new: jnp.where(was_done, old, new), state, next_state)
-    obs = jnp.where(was_done, 0, obs)
-    obs_len = jnp.where(was_done, 0, obs_len).astype(jnp.int32)
-    reward = jnp.where(was_done, 0.0, reward).astype(jnp.float32)
-    info = StepInfo(parsed=parsed & ~was_done, success=success & ~was_done)
-    return next_state, obs, obs_len, reward, success & ~was_done, truncated & ~was_done, info
+    return unless_done(state, next_state, obs, obs_len, reward, success, truncated, StepInfo(parsed, success))
 
   # -- world queries ----------------------------------------------------------------------------------------------
   def _room_of(self, location: Array, container_room: Array) -> Array:
