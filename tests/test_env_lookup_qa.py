@@ -18,6 +18,8 @@ from stepjax.envs.base import Environment
 from stepjax.envs.lookup_qa import INTRO_TEXT, INVALID_TEXT, RELATIONS, LookupQA, LookupQAParams
 from stepjax.tokenizers import ByteTokenizer
 
+from helpers import make_env_runner
+
 NUM_EPISODES, NUM_STEPS = 128, 10
 EXPERT, RANDOM_COMMAND, RANDOM_TOKENS, GIVEN = range(4)
 
@@ -29,50 +31,8 @@ NAMES = ENV.entity_names
 A = ENV.max_action_len
 
 
-def make_rollout(env, num_steps):
-  """One jitted episode loop, vmapped over keys, for every policy: the policy is a traced `mode`, so each env
-  compiles it once. (keys [B], params, mode, given_actions [B, T, A], given_lens [B, T]) -> dict of arrays."""
-  action_len_max, vocab_size = env.max_action_len, env.tokenizer.vocab_size
-  # Every command as an action, laid out on the host (a gather from a constant compiles faster than `encode`).
-  command_actions = [env.tokenizer.encode(text) + [env.tokenizer.end_of_step_id] for text in env.commands.commands]
-  command_lens = jnp.asarray([len(ids) for ids in command_actions], jnp.int32)
-  command_actions = jnp.asarray([ids + [0] * (action_len_max - len(ids)) for ids in command_actions], jnp.int32)
-
-  def episode(key, params, mode, given_actions, given_lens):
-    reset_key, policy_key, env_key = jax.random.split(key, 3)
-    state, obs, obs_len = env.reset(reset_key, params)
-    # All the random policies' draws at once (each jax.random call is seconds of compile on a loaded CPU).
-    draws = (jax.random.bits(policy_key, (num_steps, action_len_max + 2), jnp.uint32) >> 1).astype(jnp.int32)
-
-    def body(state, inputs):
-      step_draws, given_action, given_len = inputs
-      expert_action, expert_len = env.expert_action(policy_key, state, params)
-      command = step_draws[0] % command_lens.shape[0]
-      command_action, command_len = command_actions[command], command_lens[command]
-      random_len = step_draws[1] % (action_len_max + 1)
-      random_action = jnp.where(jnp.arange(action_len_max) < random_len, step_draws[2:] % vocab_size, 0)
-      action = jnp.stack([expert_action, command_action, random_action, given_action])[mode]
-      action_len = jnp.stack([expert_len, command_len, random_len, given_len])[mode]
-      state, obs, obs_len, reward, terminated, truncated, info = env.step(env_key, state, action, action_len, params)
-      return state, dict(obs=obs, obs_len=obs_len, reward=reward, terminated=terminated, truncated=truncated,
-                         parsed=info.parsed, success=info.success, action=action, action_len=action_len)
-
-    final_state, steps = jax.lax.scan(body, state, (draws, given_actions, given_lens))
-    return dict(initial_state=state, initial_obs=obs, initial_len=obs_len, final_state=final_state, **steps)
-
-  jitted = jax.jit(jax.vmap(episode, in_axes=(0, None, None, 0, 0)))
-
-  def run(keys, params, mode, given_actions=None, given_lens=None):
-    if given_actions is None:
-      given_actions = jnp.zeros((keys.shape[0], num_steps, action_len_max), jnp.int32)
-      given_lens = jnp.zeros((keys.shape[0], num_steps), jnp.int32)
-    return jax.device_get(jitted(keys, params, jnp.int32(mode), given_actions, given_lens))
-
-  return run
-
-
-ROLLOUT = make_rollout(ENV, NUM_STEPS)
-THINK_ROLLOUT = make_rollout(THINK_ENV, NUM_STEPS)
+ROLLOUT = make_env_runner(ENV, NUM_STEPS)
+THINK_ROLLOUT = make_env_runner(THINK_ENV, NUM_STEPS)
 STEP = jax.jit(ENV.step)
 KEYS = jax.random.split(jax.random.PRNGKey(0), NUM_EPISODES)
 

@@ -6,71 +6,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import struct
 
 from stepjax import rollout as rollout_lib
-from stepjax.envs.base import CommandTable, Environment, Fragments, StepInfo
 from stepjax.models import transformer
 from stepjax.tokenizers import ByteTokenizer
 
+from helpers import CountEnv
+
 TOK = ByteTokenizer()
-
-
-@struct.dataclass
-class CountParams:
-  max_steps: int = 8
-  invalid_penalty: float = -0.1
-
-
-@struct.dataclass
-class CountState:
-  target: jax.Array
-  count: jax.Array
-  steps: jax.Array
-  done: jax.Array
-
-
-class CountEnv(Environment):
-  """'Count to n': say `next` n times, then `done` (reward 1 if the count is right)."""
-
-  name = "count"
-  max_action_len = 8
-
-  def __init__(self, tokenizer):
-    self.fragments = Fragments(tokenizer, ["Count to ", "1", "2", "3", ". Say next or done.\n> ", "ok\n> ",
-                                           "Invalid.\n> ", "Right!", "Wrong."])
-    self.commands = CommandTable(tokenizer, ["next", "done"])
-    self.end_of_step = tokenizer.end_of_step_id
-    self.max_obs_len = self.fragments.max_len_of([0, 1, 4])
-
-  def default_params(self):
-    return CountParams()
-
-  def reset(self, key, params):
-    target = jax.random.randint(key, (), 1, 4)
-    obs, n = self.fragments.compose(jnp.array([0, target, 4]), self.max_obs_len)
-    return CountState(target, jnp.int32(0), jnp.int32(0), jnp.bool_(False)), obs, n
-
-  def step(self, key, state, action, action_len, params):
-    cmd = self.commands.match(action, action_len)
-    live = ~state.done
-    is_next, is_done, invalid = cmd == 0, cmd == 1, cmd < 0
-    right = state.count == state.target
-    frag = jnp.select([invalid, is_next, right], [6, 5, 7], 8)
-    obs, n = self.fragments.compose(frag[None], self.max_obs_len)
-    steps = state.steps + live
-    terminated = live & is_done
-    truncated = live & ~terminated & (steps >= params.max_steps)
-    reward = jnp.where(terminated & right, 1.0, 0.0) + jnp.where(invalid, params.invalid_penalty, 0.0)
-    new = CountState(state.target, state.count + is_next, steps, state.done | terminated | truncated)
-    return (new, jnp.where(live, obs, 0), jnp.where(live, n, 0), jnp.where(live, reward, 0.0), terminated, truncated,
-            StepInfo(parsed=live & ~invalid, success=terminated & right))
-
-  def expert_action(self, key, state, params):
-    return self.commands.encode(jnp.where(state.count < state.target, 0, 1), self.max_action_len, self.end_of_step)
-
-  def render(self, state):
-    return f"target {int(state.target)}, count {int(state.count)}"
 
 
 ENV = CountEnv(TOK)
