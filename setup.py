@@ -24,7 +24,7 @@ setup(
     ],
     extras_require={
         # torch + transformers only as references for parity tests and side-by-side benchmarks.
-        "test": ["pytest", "pytest-xdist", "hypothesis", "torch", "transformers", "textworld"],
+        "test": ["pytest", "pytest-xdist", "pytest-timeout", "hypothesis", "torch", "transformers", "textworld"],
         "dev": ["ruff"],
     },
 )

@@ -212,3 +212,17 @@ def test_host_rollout_on_textworld_keeps_what_the_game_printed(game_file):
     for t in range(steps):
       start, n = batch.step_start[row, t], batch.step_len[row, t]
       assert batch.action_mask[row, start:start + n].all()
+
+
+def test_garbage_commands_never_reach_the_interpreter_raw(game_file):
+  """An untrained model's actions (random bytes, control characters, backslashes) once crashed the interpreter."""
+  env = tw.TextWorldEnv(game_file, max_steps=100)
+  env.reset(0)
+  rng = np.random.default_rng(0)
+  for _ in range(40):
+    text = bytes(rng.integers(0, 256, int(rng.integers(1, 300))).tolist()).decode("utf-8", errors="replace")
+    result = env.step(text + "\\q\n\x00", NO_TOKENS)
+    assert isinstance(result.observation, str) and result.reward == 0.0
+  assert tw.normalise_command("  go\teast\n\\q \x07") == "go east q"
+  assert len(tw.normalise_command("x" * 500)) == tw.MAX_COMMAND_CHARS
+  env.close()

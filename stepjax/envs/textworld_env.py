@@ -87,7 +87,7 @@ _CENTRED = re.compile(r"^[ \t]{8,}", re.MULTILINE)  # Inform centres "*** The En
 _BLANK_RUNS = re.compile(r"\n{3,}")
 
 
-_LOAD_LOCK = threading.Lock()
+_TEXTWORLD_LOCK = threading.Lock()
 
 def _textworld():
   try:
@@ -156,9 +156,19 @@ def is_parser_error(feedback: str) -> bool:
   return feedback.strip().lower().startswith(PARSER_ERRORS)
 
 
+MAX_COMMAND_CHARS = 120
+
+
 def normalise_command(action_text: str) -> str:
-  """One command line: whitespace (newlines included) collapsed to single spaces, ends stripped."""
-  return " ".join(action_text.split())
+  """One command line the interpreter can take: printable ASCII only, whitespace (newlines included) collapsed to
+  single spaces, ends stripped, at most MAX_COMMAND_CHARS characters.
+
+  The Z-machine reads ASCII commands into a small buffer, and Jericho's interpreter crashes the whole process on some
+  non-ASCII / control-character input (an untrained model's actions are exactly that), so nothing else reaches it.
+  """
+  # Backslash starts a dumb-frotz interpreter command ("\\q"...), never a game command.
+  printable = "".join(ch if " " <= ch <= "~" and ch != "\\" else " " for ch in action_text)
+  return " ".join(printable.split())[:MAX_COMMAND_CHARS].strip()
 
 
 def is_meta_command(command: str) -> bool:
@@ -212,9 +222,10 @@ class TextWorldEnv:
   def reset(self, seed: int) -> str:
     """Starts the game chosen by `seed`; returns the goal and the first room description."""
     game_file = self.game_files[int(seed) % len(self.game_files)]
-    # Loading a game parses its logic with TextWorld's grammar parser (tatsu), which is not thread-safe: pools reset
-    # many envs at once, so loading and resetting take a process-wide lock. Steps run concurrently.
-    with _LOAD_LOCK:
+    # Loading a game parses its logic with TextWorld's grammar parser (tatsu), which is not thread-safe, and the
+    # interpreter (Jericho's libfrotz) crashed the process when several games stepped at once from a thread pool:
+    # every call into TextWorld takes one process-wide lock. Games answer in milliseconds, so little is lost.
+    with _TEXTWORLD_LOCK:
       if self._env is None or game_file != self.game_file:
         self.close()
         self._env = _textworld().start(game_file, self._request_infos)
@@ -238,7 +249,8 @@ class TextWorldEnv:
     if is_meta_command(command):
       feedback, parsed = REFUSED_FEEDBACK, False
     else:
-      self._game_state, _, _ = self._env.step(command)
+      with _TEXTWORLD_LOCK:
+        self._game_state, _, _ = self._env.step(command)
       feedback = clean_feedback(self._game_state.feedback)
       parsed = not is_parser_error(feedback)
     self._num_steps += 1
