@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(PY) -m benchmarks.credit
 	@echo
 	@echo "The training demo (SFT warm start + StepPO vs token-level PPO vs GRPO on the embedded default"
-	@echo "environment) arrives with the learner; until then \`make demo\` runs the credit-assignment benchmark."
+	@echo "environment) arrives with the experiment scripts; until then \`make demo\` runs the credit benchmark."
 
 # Two workers (one per core); whole files per worker so each file's compiled functions are reused.
 test: $(STAMP)

@@ -14,28 +14,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.common import emit, median_seconds
 from stepjax import sampling
 from stepjax.models import PolicyWithValue, hf, init_cache
 from stepjax.testing import random_episode_batch
 
-
-def _median_seconds(fn, repeats: int, warmup: int = 1) -> float:
-  for _ in range(warmup):
-    fn()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
 
 
 def _tiny_qwen2(path: str):
@@ -81,8 +70,8 @@ def bench_generate(repeats: int, batch=16, prompt_len=128, new_tokens=128):
   theirs = torch_generate().numpy()
   same_tokens = float(np.mean(ours == theirs))
   first_diff = [int(np.argmax(o != t)) if (o != t).any() else new_tokens for o, t in zip(ours, theirs)]
-  t_jax = _median_seconds(lambda: jax_generate(params, prompts).block_until_ready(), repeats)
-  t_torch = _median_seconds(torch_generate, max(2, repeats // 2))
+  t_jax, _ = median_seconds(lambda: jax_generate(params, prompts).block_until_ready(), repeats)
+  t_torch, _ = median_seconds(torch_generate, max(2, repeats // 2))
   n = batch * new_tokens
   return {"jax_s": t_jax, "torch_s": t_torch, "jax_tok_s": n / t_jax, "torch_tok_s": n / t_torch,
           "speedup": t_torch / t_jax, "same_tokens": same_tokens, "min_identical_prefix": min(first_diff),
@@ -136,8 +125,8 @@ def bench_multi_turn(config, params, repeats: int, batch=16, prompt_len=128, tur
     return np.concatenate([np.asarray(a) for a in actions], axis=1)
 
   same = float(np.mean(run_extension() == run_reprefill()))
-  t_ext = _median_seconds(run_extension, repeats)
-  t_re = _median_seconds(run_reprefill, repeats)
+  t_ext, _ = median_seconds(run_extension, repeats)
+  t_re, _ = median_seconds(run_reprefill, repeats)
   return {"extension_s": t_ext, "reprefill_s": t_re, "speedup": t_re / t_ext, "same_tokens": same}
 
 
@@ -178,8 +167,8 @@ def bench_packed_forward(config, repeats: int, batch=16, steps=8):
   mask = np.asarray(ep.action_mask[:, 1:width])
   np.testing.assert_allclose(np.asarray(packed_logp[:, :width - 1])[mask], np.asarray(step_logp[last])[mask],
                              atol=1e-4)
-  t_packed = _median_seconds(lambda: jax.block_until_ready(packed(params, ep.tokens)), repeats)
-  t_step = _median_seconds(lambda: jax.block_until_ready(per_step(params, step_tokens)), repeats)
+  t_packed, _ = median_seconds(lambda: jax.block_until_ready(packed(params, ep.tokens)), repeats)
+  t_step, _ = median_seconds(lambda: jax.block_until_ready(per_step(params, step_tokens)), repeats)
   return {"packed_s": t_packed, "per_step_s": t_step, "speedup": t_step / t_packed,
           "packed_tokens": int(np.prod(ep.tokens.shape)), "per_step_tokens": int(np.prod(step_tokens.shape)),
           "real_tokens": int(np.sum(ep.seq_len))}
@@ -219,11 +208,7 @@ def main(argv=None):
       "",
       f"({packed['real_tokens']} real tokens in the episodes; the rest of each layout is padding.)",
   ]
-  table = "\n".join(lines)
-  print(table)
-  if args.markdown:
-    with open(args.markdown, "w") as f:
-      f.write(table + "\n")
+  emit(lines, args.markdown)
   return gen, multi, packed
 
 

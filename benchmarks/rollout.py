@@ -18,28 +18,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.common import emit, median_seconds
 from stepjax import rollout, sampling
 from stepjax.envs.host import HostEnvPool, JaxEnvAsHost
 from stepjax.envs.lookup_qa import LookupQA
 from stepjax.models import transformer
 from stepjax.tokenizers import ByteTokenizer
 
-
-def _median(fn, repeats):
-  fn()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times), times
 
 
 def main(argv=None):
@@ -66,7 +56,7 @@ def main(argv=None):
   jitted = jax.jit(rollout.make_rollout(model, env, config))
   batch, _ = jitted(params, params_env, key)
   steps = int(np.asarray(batch.step_mask).sum())
-  t_jit, _ = _median(lambda: jax.block_until_ready(jitted(params, params_env, key)), args.repeats)
+  t_jit, _ = median_seconds(lambda: jax.block_until_ready(jitted(params, params_env, key)), args.repeats)
 
   reset_keys, groups = rollout.task_keys_and_groups(jax.random.split(key)[0], config)
   envs = [JaxEnvAsHost(env, params_env, seed_to_key=lambda row: reset_keys[row]) for _ in range(config.batch_size)]
@@ -76,7 +66,7 @@ def main(argv=None):
     hosted, _ = host_run(params, pool, seeds, key, group_ids=groups)
     np.testing.assert_array_equal(np.asarray(hosted.tokens), np.asarray(batch.tokens))
     timings = {}
-    t_host, runs = _median(lambda: host_run(params, pool, seeds, key, group_ids=groups, timings=timings),
+    t_host, runs = median_seconds(lambda: host_run(params, pool, seeds, key, group_ids=groups, timings=timings),
                            args.repeats)
   phases = {k: v / (len(runs) + 1) for k, v in timings.items()}  # per run (warm-up included in the sum)
 
@@ -109,8 +99,8 @@ def main(argv=None):
 
     return jax.lax.scan(body, state, jax.random.split(key, args.steps))
 
-  t_decode, _ = _median(lambda: jax.block_until_ready(decode_only(params)), args.repeats)
-  t_env, _ = _median(lambda: jax.block_until_ready(env_only(reset_keys)), args.repeats)
+  t_decode, _ = median_seconds(lambda: jax.block_until_ready(decode_only(params)), args.repeats)
+  t_env, _ = median_seconds(lambda: jax.block_until_ready(env_only(reset_keys)), args.repeats)
 
   lines = [
       f"| loop (lookup_qa, B={args.batch}, {args.steps} steps, tiny policy, CPU) | median s | agent steps/s | ratio |",
@@ -129,11 +119,7 @@ def main(argv=None):
       "",
       f"{steps} agent steps per rollout; both loops produce the same EpisodeBatch (checked token for token).",
   ]
-  table = "\n".join(lines)
-  print(table)
-  if args.markdown:
-    with open(args.markdown, "w") as f:
-      f.write(table + "\n")
+  emit(lines, args.markdown)
 
 
 if __name__ == "__main__":
