@@ -136,7 +136,7 @@ def _safe_div(num: Array, den: Array) -> Array:
   return num / jnp.maximum(den, 1)
 
 
-def _masked_mean(x: Array, mask: Array, empty=0.0) -> Array:
+def masked_mean(x: Array, mask: Array, empty=0.0) -> Array:
   """Mean of x where mask; `empty` when the mask is empty (never NaN)."""
   x = jnp.asarray(x, jnp.float32)
   count = jnp.sum(mask)
@@ -284,14 +284,14 @@ def _policy_loss(ratio_unit, logp, old_logp, advantages, action_mask, step_ids, 
   ratio, unit_adv = jax.lax.stop_gradient(ratio), jax.lax.stop_gradient(unit_adv)
   has_units = jnp.any(unit_mask)
   metrics = {
-      "clip_frac": _masked_mean(clipped, unit_mask),
-      "clip_frac_low": _masked_mean(clipped & (unit_adv < 0), unit_mask),  # ratio fell below 1 - clip_low
-      "clip_frac_high": _masked_mean(clipped & (unit_adv > 0), unit_mask),  # ratio rose above 1 + clip_high
-      "dual_clip_frac": _masked_mean(dual_clipped, unit_mask),
-      "approx_kl": _masked_mean(jax.lax.stop_gradient(old_logp - logp), action_mask),
-      "log_ratio_clamp_frac": _masked_mean(jnp.abs(jax.lax.stop_gradient(log_ratio)) >= log_ratio_clamp, unit_mask),
+      "clip_frac": masked_mean(clipped, unit_mask),
+      "clip_frac_low": masked_mean(clipped & (unit_adv < 0), unit_mask),  # ratio fell below 1 - clip_low
+      "clip_frac_high": masked_mean(clipped & (unit_adv > 0), unit_mask),  # ratio rose above 1 + clip_high
+      "dual_clip_frac": masked_mean(dual_clipped, unit_mask),
+      "approx_kl": masked_mean(jax.lax.stop_gradient(old_logp - logp), action_mask),
+      "log_ratio_clamp_frac": masked_mean(jnp.abs(jax.lax.stop_gradient(log_ratio)) >= log_ratio_clamp, unit_mask),
       # With no ratio units at all the ratio stats read a neutral 1.
-      "ratio_mean": _masked_mean(ratio, unit_mask, empty=1.0),
+      "ratio_mean": masked_mean(ratio, unit_mask, empty=1.0),
       "ratio_min": jnp.where(has_units, jnp.min(jnp.where(unit_mask, ratio, jnp.inf)), 1.0).astype(jnp.float32),
       "ratio_max": jnp.where(has_units, jnp.max(jnp.where(unit_mask, ratio, -jnp.inf)), 1.0).astype(jnp.float32),
   }
@@ -430,10 +430,10 @@ def value_loss(pred: Array, returns: Array, mask: Array, *, old_values: Array | 
   var_returns = masked_var(returns)
   explained = 1.0 - masked_var(returns - pred) / jnp.maximum(var_returns, 1e-8)
   metrics = {
-      "vf_clip_frac": _masked_mean(clip_active, mask),
+      "vf_clip_frac": masked_mean(clip_active, mask),
       "explained_variance": jnp.where(var_returns > 1e-8, explained, 0.0).astype(jnp.float32),
-      "value_mean": _masked_mean(pred, mask),
-      "return_mean": _masked_mean(returns, mask),
+      "value_mean": masked_mean(pred, mask),
+      "return_mean": masked_mean(returns, mask),
   }
   return loss, metrics
 

@@ -427,12 +427,6 @@ def _guarded_step(tx, loss_fn, params, opt_state, data):
   return params, opt_state, finite, loss, grad_norm, aux
 
 
-def _masked_mean(x: Array, mask: Array) -> Array:
-  """Mean of x over mask (0 for an empty mask), float32."""
-  count = jnp.sum(mask)
-  return (jnp.sum(jnp.where(mask, x, 0).astype(jnp.float32)) / jnp.maximum(count, 1)).astype(jnp.float32)
-
-
 def _reduce_metrics(per_step: dict) -> dict:
   """Scan outputs [E * M] -> scalars: min / max for extremes, mean otherwise."""
   out = {}
@@ -503,8 +497,8 @@ def _head_values(module, tokens):
 
 
 def _masked_stats(x: Array, mask: Array) -> tuple[Array, Array]:
-  mean = _masked_mean(x, mask)
-  return mean, jnp.sqrt(_masked_mean(jnp.square(x - mean), mask))
+  mean = losses.masked_mean(x, mask)
+  return mean, jnp.sqrt(losses.masked_mean(jnp.square(x - mean), mask))
 
 
 def _prepare(model_config: ModelConfig, value_kind, credit_config: credit_lib.CreditConfig, with_ref: bool,
@@ -734,7 +728,7 @@ def sft_loss(logits: Array, batch: EpisodeBatch) -> tuple[Array, dict]:
   logp = losses.shifted_logprobs(logits, batch.tokens)
   nll = -losses.aggregate(logp, batch.action_mask, mode="token-mean")
   predicted = jnp.pad(jnp.argmax(logits[:, :-1], axis=-1), ((0, 0), (1, 0)))
-  accuracy = _masked_mean(predicted == batch.tokens, batch.action_mask)
+  accuracy = losses.masked_mean(predicted == batch.tokens, batch.action_mask)
   return nll, {"nll": jax.lax.stop_gradient(nll), "token_accuracy": accuracy}
 
 
