@@ -25,6 +25,8 @@ setup(
     extras_require={
         # torch + transformers only as references for parity tests and side-by-side benchmarks.
         "test": ["pytest", "pytest-xdist", "pytest-timeout", "hypothesis", "torch", "transformers", "textworld"],
+        # experiments/: progress bars, TensorBoard event files (no TensorFlow), plots.
+        "experiments": ["tqdm", "tensorboardX", "matplotlib"],
         "dev": ["ruff"],
     },
 )

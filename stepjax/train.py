@@ -47,6 +47,7 @@ from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from stepjax import credit as credit_lib
 from stepjax import losses
+from stepjax import rollout as rollout_lib
 from stepjax import sharding as sharding_lib
 from stepjax.models.transformer import ModelConfig, Transformer
 from stepjax.models.value import ValueConfig, build_models, init_models
@@ -824,6 +825,155 @@ def sft_warm_start(model_config: ModelConfig, optim_config: OptimConfig, expert_
     if log is not None:
       log(i, metrics)
   return state, history
+
+
+# ------------------------------------------------------------------------------------------------------
+# make_train: rollout + update, PureJaxRL-style (pure-JAX environments).
+# ------------------------------------------------------------------------------------------------------
+
+
+def rollout_metrics(batch: EpisodeBatch, info: Any) -> dict:
+  """Per-batch rollout statistics (float32 scalars) from an EpisodeBatch and its `rollout.RolloutInfo`.
+
+  success_rate (episodes the environment scored as solved), return_mean (undiscounted), episode_steps (mean steps
+  per episode), invalid_rate (steps whose action parsed as no command, over all steps), terminated_frac,
+  truncated_frac, context_len (mean tokens per row), agent_steps and action_tokens (totals: what steps/s and
+  tokens/s count).
+  """
+  steps = batch.num_steps()
+  total_steps = jnp.sum(steps)
+  return _as_float32({
+      "success_rate": jnp.mean(info.success),
+      "return_mean": jnp.mean(batch.episode_returns()),
+      "episode_steps": jnp.mean(steps),
+      "invalid_rate": jnp.sum(info.invalid_steps) / jnp.maximum(total_steps, 1),
+      "terminated_frac": jnp.mean(batch.terminated),
+      "truncated_frac": jnp.mean(batch.truncated),
+      "context_len": jnp.mean(batch.seq_len),
+      "agent_steps": total_steps,
+      "action_tokens": jnp.sum(batch.action_mask),
+  })
+
+
+def _check_env_rollout(env, rollout_config, model_config: ModelConfig, field: str) -> None:
+  """One line before anything compiles: the rollout must fit the model and the environment."""
+  try:
+    rollout_config.validate(env.max_obs_len, model_config.vocab_size)
+  except ValueError as error:
+    raise ValueError(f"{field}.{error}" if not str(error).startswith(field) else str(error)) from None
+  if rollout_config.max_len > model_config.max_position_embeddings:
+    _fail(f"{field}.max_len", f"{rollout_config.max_len} exceeds the model's max_position_embeddings "
+          f"{model_config.max_position_embeddings}")
+
+
+def make_train_iteration(model_config: ModelConfig, env, rollout_config, update_config: UpdateConfig,
+                         optim_config: OptimConfig) -> Callable[[TrainState, Any], tuple[TrainState, dict]]:
+  """-> `iteration(state, env_params) -> (state, metrics)`: one pure (un-jitted) RL iteration on a JAX environment.
+
+  It samples `rollout_config.batch_size` episodes with the current policy (the rollout key is split off
+  `state.rng`), then runs the update of `make_update` (critic values and reference log-probs, credit, epochs x
+  minibatches) on them. metrics: `make_update`'s plus `rollout_metrics`'. Pure: scan it, jit it, vmap it over seeds.
+  """
+  model_config.validate()
+  update_config.validate()
+  optim_config.validate()
+  _check_env_rollout(env, rollout_config, model_config, "rollout")
+  check_update_batch(update_config, rollout_config.batch_size)
+  config = update_config
+  sample = rollout_lib.make_rollout(Transformer(model_config), env, rollout_config)
+  with_ref = config.kl_coef > 0
+  loss_side = _loss_side(config)
+
+  def iteration(state: TrainState, env_params: Any) -> tuple[TrainState, dict]:
+    rng, rollout_key = jax.random.split(state.key)
+    batch, info = sample(_policy_trunk(state.params["policy"]), env_params, rollout_key)
+    state = state.replace(rng=_raw_key(rng))
+    data, credit_metrics = _prepare(model_config, config.value.kind, config.credit, with_ref, config.minibatches,
+                                    state.params, state.ref_params, batch)
+    state, metrics = _optimize(model_config, loss_side, optim_config, state, data)
+    return state, {**metrics, **credit_metrics, **rollout_metrics(batch, info)}
+
+  return iteration
+
+
+def make_train(model_config: ModelConfig, env, rollout_config, update_config: UpdateConfig,
+               optim_config: OptimConfig, num_iterations: int) -> Callable:
+  """-> `train(key, env_params, policy_params=None) -> (state, metrics)`, PureJaxRL-style: one pure function that
+  initialises a TrainState (from `policy_params`, e.g. an SFT warm start, else random) and runs `num_iterations`
+  of `make_train_iteration` in a `lax.scan`. metrics: each iteration's, stacked to [num_iterations].
+
+  Jit it once; `jax.vmap(train, in_axes=(0, None, None))(keys, env_params, policy_params)` trains one run per seed
+  in one program (in_axes 0 for per-seed policy_params).
+  """
+  _check_int(num_iterations, "train.num_iterations", 1)
+  iteration = make_train_iteration(model_config, env, rollout_config, update_config, optim_config)
+
+  def train(key: Array, env_params: Any, policy_params: dict | None = None) -> tuple[TrainState, dict]:
+    state = init_train_state(model_config, update_config, optim_config, key, policy_params)
+    return jax.lax.scan(lambda state, _: iteration(state, env_params), state, None, length=num_iterations)
+
+  return train
+
+
+def make_sft_iteration(model_config: ModelConfig, optim_config: OptimConfig, env,
+                       rollout_config) -> Callable[[TrainState, Any], tuple[TrainState, dict]]:
+  """-> `step(state, env_params) -> (state, metrics)`: one pure SFT step on a fresh batch of scripted-expert
+  episodes (the rollout key is split off `state.rng`). state: from `init_sft_state`. metrics: `make_sft_update`'s."""
+  model_config.validate()
+  optim_config.validate()
+  _check_env_rollout(env, rollout_config, model_config, "sft.rollout")
+  expert = rollout_lib.make_rollout(Transformer(model_config), env, rollout_config, actor="expert")
+
+  def step(state: TrainState, env_params: Any) -> tuple[TrainState, dict]:
+    rng, rollout_key = jax.random.split(state.key)
+    batch, _ = expert(state.params["policy"], env_params, rollout_key)
+    return _sft_step(model_config, optim_config, state.replace(rng=_raw_key(rng)), batch)
+
+  return step
+
+
+def make_sft_train(model_config: ModelConfig, optim_config: OptimConfig, env, rollout_config,
+                   num_steps: int) -> Callable:
+  """-> `sft(key, env_params, policy_params=None) -> (policy_params, metrics)`: the SFT warm start as one pure
+  function, `num_steps` of `make_sft_iteration` in a `lax.scan`. metrics: stacked to [num_steps]. vmap it over
+  seeds like `make_train`.
+  """
+  _check_int(num_steps, "sft.num_steps", 1)
+  step = make_sft_iteration(model_config, optim_config, env, rollout_config)
+
+  def sft(key: Array, env_params: Any, policy_params: dict | None = None) -> tuple[dict, dict]:
+    state = init_sft_state(model_config, optim_config, key, policy_params)
+    state, metrics = jax.lax.scan(lambda state, _: step(state, env_params), state, None, length=num_steps)
+    return state.params["policy"], metrics
+
+  return sft
+
+
+def make_evaluate(model_config: ModelConfig, env, rollout_config, num_episodes: int) -> Callable:
+  """-> `evaluate(policy_params, env_params, key) -> metrics`: `num_episodes` held-out episodes, greedy and sampled.
+
+  Pass a key that training never uses (e.g. `jax.random.key(eval_seed)`, fixed for a whole study) so every run and
+  method is scored on the same held-out tasks. policy_params may carry a value head (ignored). metrics (float32):
+  success (greedy), success_sampled, return (greedy), return_sampled, episode_steps (greedy),
+  invalid_rate (greedy).
+  """
+  _check_int(num_episodes, "eval.num_episodes", 1)
+  config = dataclasses.replace(rollout_config, num_tasks=num_episodes, episodes_per_task=1)
+  _check_env_rollout(env, config, model_config, "eval.rollout")
+  model = Transformer(model_config)
+  greedy = rollout_lib.make_rollout(model, env, dataclasses.replace(config, greedy=True))
+  sampled = rollout_lib.make_rollout(model, env, dataclasses.replace(config, greedy=False))
+
+  def evaluate(policy_params: dict, env_params: Any, key: Array) -> dict:
+    params = _policy_trunk(policy_params)
+    # One key for both: the same held-out tasks (the reset keys come from the rollout key's first split).
+    greedy_metrics = rollout_metrics(*greedy(params, env_params, key))
+    sampled_metrics = rollout_metrics(*sampled(params, env_params, key))
+    return {"success": greedy_metrics["success_rate"], "success_sampled": sampled_metrics["success_rate"],
+            "return": greedy_metrics["return_mean"], "return_sampled": sampled_metrics["return_mean"],
+            "episode_steps": greedy_metrics["episode_steps"], "invalid_rate": greedy_metrics["invalid_rate"]}
+
+  return evaluate
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -15,8 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stepjax.envs.base import Environment
-from stepjax.envs.lookup_qa import INTRO_TEXT, INVALID_TEXT, RELATIONS, LookupQA, LookupQAParams
-from stepjax.tokenizers import ByteTokenizer
+from stepjax.envs.lookup_qa import INTRO_TEXT, INVALID_TEXT, RELATIONS, LookupQA, LookupQAParams, vocabulary
+from stepjax.tokenizers import ByteTokenizer, WordTokenizer
 
 from helpers import make_env_runner
 
@@ -268,3 +268,21 @@ def test_constructor_validates_settings():
   with pytest.raises(ValueError, match="max_action_len"):
     LookupQA(TOKENIZER, max_action_len=8)
   assert LookupQA(TOKENIZER, max_obs_len=256).max_obs_len == 256
+
+
+def test_word_tokenizer_gives_the_same_texts_in_fewer_tokens():
+  """With the environment's own vocabulary every observation decodes to the byte tokenizer's text, a name is one
+  token, and the expert (hops 1, the default job) still solves every episode."""
+  words = WordTokenizer(vocabulary())
+  assert set(NAMES) <= set(words.words) and set(RELATIONS) <= set(words.words)
+  env = LookupQA(words, num_entities=16, max_hops=1, max_action_len=6)
+  assert env.max_obs_len < ENV.max_obs_len // 3
+  assert [len(words.encode(f"search {name}")) for name in env.entity_names] == [3] * 16
+  key = jax.random.PRNGKey(5)
+  byte_env = LookupQA(TOKENIZER, num_entities=16, max_hops=1)
+  p = env.default_params().replace(hops=1)
+  state, obs, obs_len = env.reset(key, p)
+  _, byte_obs, byte_len = byte_env.reset(key, p)
+  assert words.decode(np.asarray(obs)[:int(obs_len)]) == decode(byte_obs, byte_len)
+  run = make_env_runner(env, 4)(KEYS[:16], p, EXPERT)
+  assert run["success"].any(axis=1).all()

@@ -16,6 +16,7 @@ from stepjax.tokenizers import (
     ByteTokenizer,
     HFTokenizer,
     Tokenizer,
+    WordTokenizer,
     encode_fragments,
     load_tokenizer,
     pad_batch,
@@ -32,6 +33,9 @@ TRAINING_SENTENCES = [
     "go north. take the key. unlock the door with the key. héllo wörld 🙂",
 ]
 TINY_MODEL_VOCAB_SIZE = 512
+
+
+WORDS = ("search", "answer", "Zorva", "Kalin", "city", "of")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -306,3 +310,46 @@ def test_load_tokenizer_byte_path_and_errors(chat_bpe_dir, tmp_path):
       load_tokenizer(spec)
   with pytest.raises(FileNotFoundError, match="no tokenizer file"):
     load_tokenizer(tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# WordTokenizer
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(st.sampled_from(WORDS + (" ", ": ", ".\n", "Zorvas", END_OF_STEP_TOKEN, "<think>")),
+                          st.text(max_size=6)), max_size=12).map("".join))
+def test_word_round_trip_on_random_text(text):
+  tok = WordTokenizer(WORDS, extra_special_tokens=("<think>",))
+  assert tok.decode(tok.encode(text)) == text
+
+
+def test_word_ids_follow_the_byte_layout_and_words_are_whole_tokens():
+  byte_tok, tok = ByteTokenizer(("<think>",)), WordTokenizer(WORDS, extra_special_tokens=("<think>",))
+  assert isinstance(tok, Tokenizer)
+  first_word = 259 + 1
+  assert tok.vocab_size == first_word + len(WORDS)
+  assert [tok.token_to_id(w) for w in WORDS] == list(range(first_word, first_word + len(WORDS)))
+  assert tok.special_ids == byte_tok.special_ids
+  space, colon = byte_tok.encode(" ")[0], byte_tok.encode(":")[0]
+  zorva, kalin, search = (tok.token_to_id(w) for w in ("Zorva", "Kalin", "search"))
+  # The same name is the same id after a space, after a colon, at the start: what a small model copies.
+  assert tok.encode("Zorva: city Kalin") == [zorva, colon, space, tok.token_to_id("city"), space, kalin]
+  assert tok.encode("search Zorva<|end_of_step|>") == [search, space, zorva, 1]
+  # Unknown words (and words that merely contain a known one) fall back to bytes.
+  assert tok.encode("Zorvas") == byte_tok.encode("Zorvas")
+  assert tok.encode("héllo <think>") == byte_tok.encode("héllo <think>")
+  assert [tok.id_to_token(i) for i in tok.encode("of Kalin")] == ["of", "<0x20>", "Kalin"]
+  assert tok.decode([zorva, 999, 1], skip_special=True) == "Zorva" + unknown_id_placeholder(999)
+
+
+@pytest.mark.parametrize("words, message", [
+    (("ok", "ok"), r"words has duplicates: \['ok'\]"),
+    (("two words",), r"words: each must be a non-empty run of word characters, got 'two words'"),
+    (("",), r"words: each must be a non-empty run"),
+])
+def test_word_rejects_bad_vocabularies(words, message):
+  with pytest.raises(ValueError, match=message):
+    WordTokenizer(words)
+  with pytest.raises(TypeError, match="words must be a sequence of strings"):
+    WordTokenizer("search")

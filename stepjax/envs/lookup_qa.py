@@ -28,6 +28,7 @@ plain (`answer Lenta` + end of step) and 36 with its think section.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import jax
@@ -58,6 +59,15 @@ INVALID_TEXT = "Invalid action. Use: search <name> or answer <name>.\n> "
 # The expert's think sections (step_format="think"): which of the two moves it is making.
 THINK_SEARCH_TEXT = "<think>I need the next fact.</think>"
 THINK_ANSWER_TEXT = "<think>I know the answer.</think>"
+
+
+def vocabulary() -> tuple[str, ...]:
+  """Every word this environment writes (entity names, relations, the fixed texts), for `tokenizers.WordTokenizer`:
+  with it a name is one token in the question, in the facts and in the command that copies it."""
+  texts = [INTRO_TEXT, INVALID_TEXT, THINK_SEARCH_TEXT, THINK_ANSWER_TEXT, "Q: what is the of the of", "Correct.",
+           "Wrong, it was"]
+  words = list(ENTITY_NAMES) + list(RELATIONS) + re.findall(r"\w+", " ".join(texts))
+  return tuple(dict.fromkeys(words))
 
 
 @struct.dataclass

@@ -1,0 +1,1 @@
+"""Experiment scripts and configs that compose stepjax pieces."""

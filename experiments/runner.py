@@ -1,0 +1,504 @@
+"""One experiment from an ml_collections config: build, SFT warm start, RL with held-out evaluation, logs, checkpoints.
+
+`build(config)` turns a config (experiments/configs/base.py lists every field) into stepjax objects and checks every
+field first: a wrong name or an impossible size is one ValueError line naming the field, before anything compiles.
+
+`run(config, workdir)` (pure-JAX environments) trains `train.seeds` runs in one program (`jax.vmap` over seeds):
+
+  SFT     `train.sft.steps` behaviour-cloning steps on scripted-expert episodes (once, shared by every seed, or once
+          per seed with `sft.per_seed`), in jitted chunks of `lax.scan`;
+  RL      `train.iterations` iterations of `train.make_train_iteration` (rollout + update), jitted in chunks of
+          `train.eval_every` iterations (one `lax.scan` each, the state donated);
+  eval    after the SFT start and after every chunk, `train.eval_episodes` held-out episodes per seed, greedy and
+          sampled, on task keys drawn from `train.eval_seed` (never from a training key);
+  logs    workdir/metrics.jsonl (one line per iteration and seed), eval.jsonl, sft.jsonl, TensorBoard event files
+          under workdir/tb/seed<k> (tensorboardX, no TensorFlow), a progress bar, and a summary table at the end;
+  ckpt    an orbax checkpoint of the stacked TrainState every `checkpoint_every` evaluations (asynchronous,
+          keep-last-k, atomic). `run(..., resume=True)` restores the latest complete one, cuts the logs back to it and
+          continues bit-identically (same compiled chunk, same keys: everything random lives in the state).
+
+Host environments (TextWorld) are driven by `rollout.make_host_rollout` + `train.make_update` from Python; this
+runner covers the pure-JAX ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from experiments import report
+from stepjax import credit as credit_lib
+from stepjax import losses
+from stepjax import rollout as rollout_lib
+from stepjax import train
+from stepjax.envs import grid_nav, lookup_qa, textworld_lite
+from stepjax.models import hf
+from stepjax.models.transformer import ModelConfig, get_config
+from stepjax.models.value import ValueConfig
+from stepjax.tokenizers import BYTE_SPEC, WordTokenizer, load_tokenizer
+
+JAX_ENVS = ("lookup_qa", "textworld_lite", "grid_nav")
+CRITICS = ("head", "separate", "none")
+WHITEN = ("step", "token", "none")
+MODEL_FIELDS = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                "max_position_embeddings", "dtype")
+# Keys of metrics.jsonl that depend on the machine, not on the run (left out when comparing runs).
+TIMING_KEYS = ("time_s", "agent_steps_per_s", "tokens_per_s")
+
+
+def _fail(field: str, message: str):
+  raise ValueError(f"{field}: {message}")
+
+
+def _choice(value, field: str, allowed) -> str:
+  if value not in allowed:
+    _fail(field, f"unknown {value!r}; allowed: {', '.join(map(str, allowed))}")
+  return value
+
+
+def _positive_int(value, field: str, minimum: int = 1) -> int:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+    _fail(field, f"must be an int >= {minimum}, got {value!r}")
+  return int(value)
+
+
+def _rewrap(prefix: str, build: Callable):
+  """Runs a stepjax constructor; its ValueError (which names the field inside it) gets the config section."""
+  try:
+    return build()
+  except ValueError as error:
+    message = str(error)
+    raise ValueError(message if message.startswith(prefix) else f"{prefix}.{message}") from None
+
+
+# ------------------------------------------------------------------------------------------------------
+# Config -> stepjax objects.
+# ------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """What `build` makes of a config."""
+
+  config: ml_collections.ConfigDict
+  tokenizer: Any
+  env: Any  # a pure-JAX Environment
+  env_params: Any
+  model_config: ModelConfig
+  checkpoint_params: dict | None  # Transformer params loaded from model.checkpoint
+  rollout_config: rollout_lib.RolloutConfig
+  update_config: train.UpdateConfig
+  optim_config: train.OptimConfig
+  sft_optim_config: train.OptimConfig
+  sft_rollout_config: rollout_lib.RolloutConfig
+  seeds: tuple[int, ...]
+
+
+def _tokenizer(config):
+  spec, env_name = config.tokenizer, config.env.name
+  if spec == "word":
+    if env_name != "lookup_qa":
+      _fail("tokenizer", f"'word' needs an environment with a word vocabulary (lookup_qa), not {env_name!r}; use "
+            f"{BYTE_SPEC!r} or a tokenizer.json path")
+    return WordTokenizer(lookup_qa.vocabulary())
+  if not isinstance(spec, str) or not (spec == BYTE_SPEC or os.path.exists(spec)):
+    _fail("tokenizer", f"{spec!r} is not allowed; use 'byte', 'word' or an existing tokenizer.json path")
+  return load_tokenizer(spec)
+
+
+def _jax_env(config, tokenizer):
+  e, r = config.env, config.rollout
+  if e.name == "lookup_qa":
+    env = _rewrap("env", lambda: lookup_qa.LookupQA(tokenizer, num_entities=e.num_entities, max_hops=e.max_hops,
+                                                    max_action_len=r.max_action_len, step_format=e.step_format))
+    if not 1 <= e.hops <= e.max_hops:
+      _fail("env.hops", f"must be in [1, env.max_hops={e.max_hops}], got {e.hops!r}")
+    params = env.default_params().replace(hops=e.hops, max_steps=r.max_steps, invalid_penalty=e.invalid_penalty)
+  elif e.name == "textworld_lite":
+    env = _rewrap("env", lambda: textworld_lite.TextWorldLite(tokenizer, max_action_len=r.max_action_len,
+                                                             step_format=e.step_format))
+    params = env.default_params().replace(max_steps=r.max_steps)
+  else:
+    env = _rewrap("env", lambda: grid_nav.GridNav(tokenizer, max_action_len=r.max_action_len,
+                                                  step_format=e.step_format))
+    params = env.default_params().replace(max_steps=r.max_steps, invalid_penalty=e.invalid_penalty)
+  return env, params
+
+
+def _model_config(config, tokenizer) -> tuple[ModelConfig, dict | None]:
+  m = config.model
+  if m.checkpoint:
+    if not os.path.isdir(m.checkpoint):
+      _fail("model.checkpoint", f"{m.checkpoint} is not a directory (a Hugging Face safetensors checkpoint)")
+    model_config, params = hf.load_hf_checkpoint(m.checkpoint)
+    if model_config.vocab_size < tokenizer.vocab_size:
+      _fail("model.checkpoint", f"vocab_size {model_config.vocab_size} does not cover the tokenizer's "
+            f"{tokenizer.vocab_size} ids")
+    return model_config, params
+  if m.preset not in ("tiny", "small", "llama3-8b", "qwen2.5-0.5b", "qwen2.5-7b", "qwen3-0.6b", "qwen3-8b"):
+    _fail("model.preset", f"unknown {m.preset!r}; allowed: tiny, small, llama3-8b, qwen2.5-0.5b, qwen2.5-7b, "
+          "qwen3-0.6b, qwen3-8b (or model.checkpoint)")
+  overrides = {name: m[name] for name in MODEL_FIELDS if name in m}
+  vocab = -(-tokenizer.vocab_size // 64) * 64  # the tokenizer's ids, rounded up to a multiple of 64
+  return _rewrap("model", lambda: get_config(m.preset, vocab_size=vocab, **overrides)), None
+
+
+def _update_config(config) -> train.UpdateConfig:
+  a = config.algo
+  _choice(a.estimator, "algo.estimator", tuple(credit_lib.ESTIMATORS))
+  _choice(a.loss, "algo.loss", tuple(losses.POLICY_LOSSES))
+  _choice(a.critic, "algo.critic", CRITICS)
+  _choice(a.whiten, "algo.whiten", WHITEN)
+  credit = _rewrap("algo", lambda: credit_lib.CreditConfig(
+      estimator=a.estimator, gamma=a.gamma, lam=a.lam, whiten=None if a.whiten == "none" else a.whiten,
+      truncation_as_terminal=a.truncation_as_terminal, normalize_std=a.normalize_std, gigpo_omega=a.gigpo_omega))
+  policy_loss = losses.PolicyLossConfig(name=a.loss, clip_low=a.clip_low, clip_high=a.clip_high,
+                                        dual_clip=a.dual_clip, agg_mode=a.agg_mode)
+  _rewrap("algo", policy_loss.validate)
+  critic = credit_lib.critic_level(a.estimator)
+  if critic is not None and a.critic == "none":
+    _fail("algo.critic", f"estimator {a.estimator!r} reads a critic; use 'head' or 'separate'")
+  if critic is None and a.critic != "none":
+    _fail("algo.critic", f"estimator {a.estimator!r} reads no critic; use 'none'")
+  value = ValueConfig(kind=None if a.critic == "none" else a.critic)
+  return _rewrap("algo", lambda: train.UpdateConfig(
+      credit=credit, policy_loss=policy_loss, value=value, value_coef=a.value_coef, value_clip=a.value_clip,
+      kl_coef=a.kl_coef, kl_kind=a.kl_kind, entropy_coef=a.entropy_coef, epochs=a.epochs, minibatches=a.minibatches,
+      halt_on_nonfinite=config.train.halt_on_nonfinite))
+
+
+def build(config: ml_collections.ConfigDict) -> Setup:
+  """Checks every field and builds the pieces; a bad field is one ValueError line naming it (nothing compiled)."""
+  _choice(config.env.name, "env.name", JAX_ENVS)
+  t = config.train
+  iterations = _positive_int(t.iterations, "train.iterations")
+  eval_every = _positive_int(t.eval_every, "train.eval_every")
+  if iterations % eval_every:
+    _fail("train.eval_every", f"{eval_every} must divide train.iterations={iterations}")
+  num_seeds = _positive_int(t.seeds, "train.seeds")
+  _positive_int(t.seed_offset, "train.seed_offset", 0)
+  _positive_int(t.eval_episodes, "train.eval_episodes")
+  _positive_int(t.checkpoint_every, "train.checkpoint_every")
+  _positive_int(t.keep_checkpoints, "train.keep_checkpoints")
+  _positive_int(config.sft.steps, "sft.steps", 0)
+  _positive_int(config.sft.num_tasks, "sft.num_tasks")
+  tokenizer = _tokenizer(config)
+  model_config, checkpoint_params = _model_config(config, tokenizer)
+  update_config = _update_config(config)
+  o = config.optim
+  optim_config = _rewrap("optim", lambda: train.OptimConfig(
+      actor_lr=o.actor_lr, critic_lr=o.critic_lr, weight_decay=o.weight_decay, max_grad_norm=o.max_grad_norm,
+      schedule=o.schedule, warmup_steps=o.warmup_steps, total_steps=o.total_steps))
+  sft_optim_config = _rewrap("sft", lambda: train.OptimConfig(actor_lr=config.sft.lr, critic_lr=0.0))
+  r = config.rollout
+  for name in ("num_tasks", "episodes_per_task", "max_steps", "max_len", "max_action_len"):
+    _positive_int(r[name], f"rollout.{name}")
+  rollout_config = _rewrap("rollout", lambda: rollout_lib.RolloutConfig(
+      num_tasks=r.num_tasks, episodes_per_task=r.episodes_per_task, max_steps=r.max_steps, max_len=r.max_len,
+      max_action_len=r.max_action_len, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
+      stop_ids=(tokenizer.end_of_step_id, tokenizer.eos_id), pad_id=tokenizer.pad_id))
+  env, env_params = _jax_env(config, tokenizer)
+  max_obs_len = env.max_obs_len
+  if r.max_len > model_config.max_position_embeddings:
+    _fail("rollout.max_len", f"{r.max_len} exceeds model.max_position_embeddings={model_config.max_position_embeddings}")
+  _rewrap("rollout", lambda: rollout_config.validate(max_obs_len, model_config.vocab_size))
+  train.check_update_batch(update_config, rollout_config.batch_size)
+  sft_rollout_config = dataclasses.replace(rollout_config, num_tasks=config.sft.num_tasks, episodes_per_task=1)
+  seeds = tuple(range(t.seed_offset, t.seed_offset + num_seeds))
+  return Setup(config=config, tokenizer=tokenizer, env=env, env_params=env_params, model_config=model_config,
+               checkpoint_params=checkpoint_params, rollout_config=rollout_config, update_config=update_config,
+               optim_config=optim_config, sft_optim_config=sft_optim_config, sft_rollout_config=sft_rollout_config,
+               seeds=seeds)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Logs.
+# ------------------------------------------------------------------------------------------------------
+
+
+def _read_jsonl(path: str) -> list[dict]:
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def _cut_jsonl(path: str, keep: Callable[[dict], bool]) -> list[dict]:
+  """Rewrites a JSONL file with only the lines `keep` accepts (a resumed run drops what came after its checkpoint)."""
+  lines = [line for line in _read_jsonl(path) if keep(line)]
+  with open(path, "w") as f:
+    f.writelines(json.dumps(line) + "\n" for line in lines)
+  return lines
+
+
+class Logger:
+  """JSONL files, TensorBoard event files (one writer per seed) and the progress bar."""
+
+  def __init__(self, workdir: str, seeds: tuple[int, ...], total: int, initial: int, *, tensorboard: bool,
+               progress: bool, description: str):
+    self.workdir, self.seeds = workdir, seeds
+    self.writers = {}
+    if tensorboard:
+      from tensorboardX import SummaryWriter  # writes event files without TensorFlow
+
+      self.writers = {seed: SummaryWriter(os.path.join(workdir, "tb", f"seed{seed}")) for seed in seeds}
+    from tqdm import tqdm
+
+    self.bar = tqdm(total=total, initial=initial, desc=description, disable=not progress, dynamic_ncols=True,
+                    unit="it")
+
+  def jsonl(self, name: str, lines: list[dict]) -> None:
+    with open(os.path.join(self.workdir, name), "a") as f:
+      f.writelines(json.dumps(line) + "\n" for line in lines)
+
+  def scalars(self, prefix: str, seed: int, step: int, values: dict) -> None:
+    writer = self.writers.get(seed)
+    if writer is not None:
+      for name, value in values.items():
+        if isinstance(value, (int, float)) and math.isfinite(value):
+          writer.add_scalar(f"{prefix}/{name}", value, step)
+
+  def close(self) -> None:
+    self.bar.close()
+    for writer in self.writers.values():
+      writer.close()
+
+
+def _per_seed(tree: dict, index: int) -> dict:
+  return {name: float(value[index]) for name, value in tree.items()}
+
+
+# ------------------------------------------------------------------------------------------------------
+# Programs (cached per setup so a grid reuses what it compiled).
+# ------------------------------------------------------------------------------------------------------
+
+
+def _programs(setup: Setup, per_seed_params: bool) -> dict[str, Callable]:
+  mc, env, rc = setup.model_config, setup.env, setup.rollout_config
+  uc, oc = setup.update_config, setup.optim_config
+  t = setup.config.train
+  iteration = train.make_train_iteration(mc, env, rc, uc, oc)
+
+  def chunk(state, env_params):
+    return jax.lax.scan(lambda s, _: iteration(s, env_params), state, None, length=t.eval_every)
+
+  def init(key, policy_params):
+    return train.init_train_state(mc, uc, oc, key, policy_params)
+
+  evaluate = train.make_evaluate(mc, env, rc, t.eval_episodes)
+  params_axis = 0 if per_seed_params else None
+  return {
+      "init": jax.jit(jax.vmap(init, in_axes=(0, params_axis))),
+      "chunk": jax.jit(jax.vmap(chunk, in_axes=(0, None)), donate_argnums=0),
+      "evaluate": jax.jit(jax.vmap(evaluate, in_axes=(0, None, None))),
+  }
+
+
+SFT_CHUNK = 50
+
+
+def sft_warm_start(setup: Setup, *, progress: bool = True, log: Callable[[dict], None] | None = None):
+  """The SFT start of `setup`: Transformer params, one set for every seed ([seeds, ...] stacked with
+  `sft.per_seed`), or None when sft.steps == 0 (then `model.checkpoint` params or a random init)."""
+  config = setup.config
+  steps = config.sft.steps
+  if steps == 0:
+    return setup.checkpoint_params
+  mc, oc = setup.model_config, setup.sft_optim_config
+  step = train.make_sft_iteration(mc, oc, setup.env, setup.sft_rollout_config)
+
+  def run_chunk(state, env_params, length):
+    return jax.lax.scan(lambda s, _: step(s, env_params), state, None, length=length)
+
+  def init(key, params):
+    return train.init_sft_state(mc, oc, key, params)
+
+  keys = jnp.stack([jax.random.fold_in(jax.random.key(seed), 0) for seed in setup.seeds])
+  if not config.sft.per_seed:
+    keys = keys[:1]
+  state = jax.jit(jax.vmap(init, in_axes=(0, None)))(keys, setup.checkpoint_params)
+  from tqdm import tqdm
+
+  bar = tqdm(total=steps, desc="sft", disable=not progress, dynamic_ncols=True, unit="step")
+  programs = {}
+  done = 0
+  while done < steps:
+    length = min(SFT_CHUNK, steps - done)
+    if length not in programs:
+      programs[length] = jax.jit(jax.vmap(lambda s, p, n=length: run_chunk(s, p, n), in_axes=(0, None)),
+                                 donate_argnums=0)
+    state, metrics = programs[length](state, setup.env_params)
+    metrics = jax.device_get(metrics)
+    for k in range(length):
+      line = {"step": done + k + 1, **{name: float(np.mean(value[:, k])) for name, value in metrics.items()}}
+      if log is not None:
+        log(line)
+    done += length
+    bar.update(length)
+    bar.set_postfix(nll=f"{float(np.mean(metrics['nll'][:, -1])):.3f}",
+                    acc=f"{float(np.mean(metrics['token_accuracy'][:, -1])):.3f}")
+  bar.close()
+  params = state.params["policy"]
+  return params if config.sft.per_seed else jax.tree.map(lambda x: x[0], params)
+
+
+# ------------------------------------------------------------------------------------------------------
+# The run.
+# ------------------------------------------------------------------------------------------------------
+
+
+def _eval_lines(metrics: dict, seeds, iteration: int, env_steps: np.ndarray) -> list[dict]:
+  return [{"iteration": iteration, "seed": seed, "env_steps": int(env_steps[i]), **_per_seed(metrics, i)}
+          for i, seed in enumerate(seeds)]
+
+
+def records_from_eval(method: str, eval_lines: list[dict]) -> list[dict]:
+  """eval.jsonl lines -> the per-seed records of `experiments.report`."""
+  records = {}
+  for line in sorted(eval_lines, key=lambda line: (line["seed"], line["iteration"])):
+    record = records.setdefault(line["seed"], {"method": method, "seed": line["seed"], "env_steps": [],
+                                               "success": [], "success_sampled": []})
+    record["env_steps"].append(line["env_steps"])
+    record["success"].append(line["success"])
+    record["success_sampled"].append(line["success_sampled"])
+  return list(records.values())
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, *, resume: bool = False, sft_params: Any = None,
+        setup: Setup | None = None, print_fn: Callable[[str], None] = print) -> dict:
+  """Trains `config` in `workdir`; see the module docstring. Returns {"records": per-seed held-out curves (the
+  `experiments.report` format), "final": the last evaluation per seed, "table": the summary table (markdown)}.
+
+  sft_params: a warm start computed elsewhere (an ablation shares one per seed across methods); None runs the
+  configured SFT. resume: continue from the latest complete checkpoint in workdir/checkpoints (a missing or empty
+  directory is a one-line FileNotFoundError, raised before anything compiles).
+  """
+  setup = build(config) if setup is None else setup
+  t, name = config.train, config.name
+  os.makedirs(workdir, exist_ok=True)
+  checkpoint_dir = os.path.join(workdir, "checkpoints")
+  if resume:
+    if not os.path.isdir(checkpoint_dir):
+      raise FileNotFoundError(f"checkpoint.directory: {checkpoint_dir} does not exist (nothing to resume)")
+    extra = train.checkpoint_metadata(checkpoint_dir)  # raises when no complete checkpoint is there
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json(indent=1))
+
+  seeds = setup.seeds
+  keys = jnp.stack([jax.random.fold_in(jax.random.key(seed), 1) for seed in seeds])
+  eval_key = jax.random.key(t.eval_seed)
+  if not resume:
+    for log_name in ("sft.jsonl", "metrics.jsonl", "eval.jsonl"):
+      open(os.path.join(workdir, log_name), "w").close()
+  if not resume and sft_params is None:
+    sft_params = sft_warm_start(setup, progress=config.log.progress,
+                                log=lambda line: _append_jsonl(os.path.join(workdir, "sft.jsonl"), line))
+  per_seed = sft_params is not None and _is_stacked(sft_params, setup)
+  programs = _programs(setup, per_seed)
+
+  if resume:
+    # The warm start is inside the checkpoint; a random init has the same shapes.
+    abstract = jax.eval_shape(programs["init"], keys, None)
+    state, iteration = train.restore_checkpoint(checkpoint_dir, abstract)
+    env_steps = np.asarray(extra["env_steps"], np.int64)
+    _cut_jsonl(os.path.join(workdir, "metrics.jsonl"), lambda line: line["iteration"] <= iteration)
+    _cut_jsonl(os.path.join(workdir, "eval.jsonl"), lambda line: line["iteration"] <= iteration)
+  else:
+    state = programs["init"](keys, sft_params)
+    iteration, env_steps = 0, np.zeros(len(seeds), np.int64)
+
+  logger = Logger(workdir, seeds, t.iterations, iteration, tensorboard=config.log.tensorboard,
+                  progress=config.log.progress, description=name)
+  manager = train.make_checkpoint_manager(checkpoint_dir, max_to_keep=t.keep_checkpoints)
+  try:
+    if not resume:
+      _evaluate(programs, state, setup, eval_key, iteration, env_steps, logger)
+    chunks_done = iteration // t.eval_every
+    while iteration < t.iterations:
+      start = time.perf_counter()
+      state, metrics = programs["chunk"](state, setup.env_params)
+      metrics = jax.device_get(metrics)
+      elapsed = time.perf_counter() - start
+      lines = []
+      agent_steps = metrics["agent_steps"].sum()
+      for k in range(t.eval_every):
+        for i, seed in enumerate(seeds):
+          env_steps[i] += int(metrics["agent_steps"][i, k])
+          values = {key: float(value[i, k]) for key, value in metrics.items()}
+          lines.append({"iteration": iteration + k + 1, "seed": seed, "env_steps": int(env_steps[i]), **values,
+                        "time_s": elapsed / t.eval_every})
+          logger.scalars("train", seed, iteration + k + 1, values)
+      lines[-1]["agent_steps_per_s"] = float(agent_steps / elapsed)
+      lines[-1]["tokens_per_s"] = float(metrics["action_tokens"].sum() / elapsed)
+      logger.jsonl("metrics.jsonl", lines)
+      iteration += t.eval_every
+      chunks_done += 1
+      for field in ("skipped",):
+        if t.halt_on_nonfinite and metrics[field].sum():
+          raise FloatingPointError(f"train: {int(metrics[field].sum())} minibatch update(s) had a non-finite loss "
+                                   "or gradient (train.halt_on_nonfinite=True)")
+      evaluation = _evaluate(programs, state, setup, eval_key, iteration, env_steps, logger)
+      if chunks_done % t.checkpoint_every == 0 or iteration == t.iterations:
+        train.save_checkpoint(manager, state, iteration, {"iteration": iteration, "env_steps": env_steps.tolist(),
+                                                          "name": name})
+      logger.bar.update(t.eval_every)
+      logger.bar.set_postfix(success=f"{metrics['success_rate'][:, -1].mean():.3f}",
+                             ret=f"{metrics['return_mean'][:, -1].mean():.3f}",
+                             kl=f"{metrics['approx_kl'][:, -1].mean():.2e}",
+                             clip=f"{metrics['clip_frac'][:, -1].mean():.3f}",
+                             eval=f"{np.mean(evaluation['success']):.3f}",
+                             steps_s=f"{agent_steps / elapsed:.0f}",
+                             tok_s=f"{metrics['action_tokens'].sum() / elapsed:.0f}")
+  finally:
+    manager.wait_until_finished()
+    manager.close()
+    logger.close()
+
+  eval_lines = _read_jsonl(os.path.join(workdir, "eval.jsonl"))
+  records = records_from_eval(name, eval_lines)
+  table = _summary(name, records, eval_lines, print_fn)
+  return {"records": records, "final": [line for line in eval_lines if line["iteration"] == t.iterations],
+          "table": table, "state": state}
+
+
+def _append_jsonl(path: str, line: dict) -> None:
+  with open(path, "a") as f:
+    f.write(json.dumps(line) + "\n")
+
+
+def _is_stacked(params: dict, setup: Setup) -> bool:
+  """Whether SFT params carry a leading seed axis (`sft.per_seed`)."""
+  embed = jax.tree.leaves(params)[0]
+  single = jax.tree.leaves(jax.eval_shape(lambda: train.init_sft_state(setup.model_config, setup.sft_optim_config,
+                                                                       jax.random.key(0)).params["policy"]))[0]
+  return embed.ndim == single.ndim + 1
+
+
+def _evaluate(programs, state, setup: Setup, eval_key, iteration: int, env_steps: np.ndarray, logger: Logger) -> dict:
+  metrics = jax.device_get(programs["evaluate"](state.params["policy"], setup.env_params, eval_key))
+  lines = _eval_lines(metrics, setup.seeds, iteration, env_steps)
+  logger.jsonl("eval.jsonl", lines)
+  for line in lines:
+    logger.scalars("eval", line["seed"], iteration, {k: v for k, v in line.items() if k not in ("iteration", "seed")})
+  return metrics
+
+
+def _summary(name: str, records: list[dict], eval_lines: list[dict], print_fn) -> str:
+  last = max(line["iteration"] for line in eval_lines)
+  rows = [f"| {line['seed']} | {line['success']:.3f} | {line['success_sampled']:.3f} | {line['return']:.3f} | "
+          f"{line['episode_steps']:.2f} |" for line in eval_lines if line["iteration"] == last]
+  per_seed = "\n".join([f"held-out evaluation of {name!r} after {last} iterations:",
+                        "| seed | success (greedy) | success (sampled) | return | steps |",
+                        "|---|---|---|---|---|", *rows])
+  table = report.format_table(report.summarize(records))
+  print_fn(per_seed + "\n\n" + table)
+  return table

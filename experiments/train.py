@@ -1,0 +1,43 @@
+"""Train one method on one environment, several seeds at once.
+
+  python experiments/train.py --config=experiments/configs/steppo.py --workdir=runs/steppo
+  python experiments/train.py --config=experiments/configs/steppo.py --config.algo.estimator=token_gae \
+      --config.algo.whiten=token --workdir=runs/steppo_token_gae
+  python experiments/train.py --config=experiments/configs/steppo.py --workdir=runs/steppo --resume
+
+Writes metrics.jsonl, eval.jsonl, sft.jsonl, TensorBoard files (tb/), orbax checkpoints (checkpoints/) and config.json
+to --workdir, shows a progress bar and prints the held-out summary table at the end.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: `experiments.*`
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from experiments import runner  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/steppo.py", "An ml_collections config file.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where logs and checkpoints go (default runs/<config.name>).")
+_RESUME = flags.DEFINE_bool("resume", False, "Continue from the latest complete checkpoint in --workdir.")
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
+  config = _CONFIG.value
+  workdir = _WORKDIR.value or os.path.join("runs", config.name)
+  try:
+    runner.build(config)  # every field checked before anything compiles
+  except ValueError as error:
+    sys.exit(f"config.{error}")
+  try:
+    runner.run(config, workdir, resume=_RESUME.value)
+  except FileNotFoundError as error:
+    sys.exit(str(error))
+
+
+if __name__ == "__main__":
+  app.run(main)

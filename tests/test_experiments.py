@@ -1,0 +1,140 @@
+"""experiments/: config validation, the runner (logs, checkpoints, exact resume), the ablation grid and its files."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from experiments import ablation, runner
+from experiments.configs import base, gigpo, grpo, reinforce_pp, rloo, steppo, token_ppo
+
+ALL_CONFIGS = (steppo, token_ppo, grpo, rloo, reinforce_pp, gigpo)
+
+
+def small(config, **train):
+  """A few-second version of a config: a 1-layer 32-wide model, 2 x 2 episodes, 2 seeds."""
+  config.model.update(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16)
+  config.rollout.update(num_tasks=2, episodes_per_task=2)
+  config.algo.minibatches = 2
+  config.sft.update(steps=2, num_tasks=4)
+  config.train.update(iterations=4, eval_every=2, eval_episodes=4, seeds=2, **train)
+  config.log.update(progress=False, tensorboard=True)
+  return config
+
+
+@pytest.mark.parametrize("module", ALL_CONFIGS, ids=lambda m: m.__name__.rsplit(".", 1)[-1])
+def test_every_config_builds(module):
+  setup = runner.build(module.get_config())
+  assert setup.update_config.credit.estimator == module.get_config().algo.estimator
+  assert setup.model_config.vocab_size >= setup.tokenizer.vocab_size
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("algo.estimator", "td_lambda", r"^algo\.estimator: unknown 'td_lambda'; allowed: step_gae, token_gae"),
+    ("algo.loss", "dpo", r"^algo\.loss: unknown 'dpo'; allowed: ppo, gspo, step_ratio"),
+    ("algo.critic", "none", r"^algo\.critic: estimator 'step_gae' reads a critic"),
+    ("algo.whiten", "batch", r"^algo\.whiten: unknown 'batch'"),
+    ("algo.minibatches", 3, r"^update\.minibatches: 3 does not divide the batch size 32"),
+    ("env.name", "atari", r"^env\.name: unknown 'atari'; allowed: lookup_qa, textworld_lite, grid_nav"),
+    ("env.hops", 3, r"^env\.hops: must be in \[1, env\.max_hops=1\], got 3"),
+    ("model.preset", "gpt5", r"^model\.preset: unknown 'gpt5'"),
+    ("model.checkpoint", "/nonexistent/ckpt", r"^model\.checkpoint: /nonexistent/ckpt is not a directory"),
+    ("tokenizer", "gpt2", r"^tokenizer: 'gpt2' is not allowed"),
+    ("rollout.max_action_len", 200, r"^rollout\.max_len: 128 cannot hold the first observation plus one step"),
+    ("rollout.max_len", 1024, r"^rollout\.max_len: 1024 exceeds model\.max_position_embeddings=512"),
+    ("train.eval_every", 7, r"^train\.eval_every: 7 must divide train\.iterations=30"),
+    ("train.seeds", 0, r"^train\.seeds: must be an int >= 1, got 0"),
+    ("optim.schedule", "linear", r"^optim\.schedule: unknown 'linear'"),
+])
+def test_bad_config_is_one_line_naming_the_field(field, value, message):
+  config = base.get_config()
+  section, leaf = field.split(".") if "." in field else (None, field)
+  (config[section] if section else config)[leaf] = value
+  with pytest.raises(ValueError, match=message) as error:
+    runner.build(config)
+  assert "\n" not in str(error.value)
+
+
+def test_resume_without_checkpoint_is_one_line(tmp_path):
+  with pytest.raises(FileNotFoundError, match=r"^checkpoint\.directory: .* does not exist"):
+    runner.run(small(steppo.get_config()), str(tmp_path / "fresh"), resume=True)
+
+
+def _lines(path):
+  with open(path) as f:
+    return [json.loads(line) for line in f]
+
+
+def _without_timing(lines):
+  return [{k: v for k, v in line.items() if k not in runner.TIMING_KEYS} for line in lines]
+
+
+def test_resume_is_bit_identical(tmp_path):
+  """4 iterations straight == 2 iterations, then --resume to 4: parameters, metrics and evaluations all equal."""
+  straight = runner.run(small(steppo.get_config()), str(tmp_path / "a"), print_fn=lambda _: None)
+  first = small(steppo.get_config())
+  first.train.iterations = 2
+  runner.run(first, str(tmp_path / "b"), print_fn=lambda _: None)
+  resumed = runner.run(small(steppo.get_config()), str(tmp_path / "b"), resume=True, print_fn=lambda _: None)
+  for a, b in zip(jax.tree.leaves(straight["state"]), jax.tree.leaves(resumed["state"])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  for name in ("metrics.jsonl", "eval.jsonl"):
+    a, b = _lines(tmp_path / "a" / name), _lines(tmp_path / "b" / name)
+    assert len(a) == len(b) == {"metrics.jsonl": 4 * 2, "eval.jsonl": 3 * 2}[name]
+    assert _without_timing(a) == _without_timing(b)
+  assert straight["records"] == resumed["records"]
+  # TensorBoard event files (tensorboardX) per seed, orbax checkpoints at iterations 2 and 4.
+  assert sorted(os.listdir(tmp_path / "a" / "tb")) == ["seed0", "seed1"]
+  assert sorted(os.listdir(tmp_path / "a" / "tb" / "seed0"))[0].startswith("events.out.tfevents")
+  assert sorted(d for d in os.listdir(tmp_path / "a" / "checkpoints") if d.isdigit()) == ["2", "4"]
+
+
+def test_ablation_tiny_grid_writes_results(tmp_path):
+  configs = ablation.study_configs(["steppo", "grpo"], 2, {})
+  configs = [small(config) for config in configs]
+  printed = []
+  out = ablation.run_study("tiny", configs, str(tmp_path), print_fn=printed.append)
+  study = tmp_path / "tiny"
+  for name in ("results.md", "results.csv", "curves.png", "records.json"):
+    assert (study / name).exists(), name
+  assert (study / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  md = (study / "results.md").read_text()
+  assert "| steppo | 2 |" in md and "| grpo | 2 |" in md
+  assert [row["method"] for row in out["rows"]] == ["steppo", "grpo"]
+  # Every method started from the same SFT params: identical held-out success at iteration 0 for each seed.
+  start = {(r["method"], r["seed"]): r["success"][0] for r in out["records"]}
+  assert start[("steppo", 0)] == start[("grpo", 0)] and start[("steppo", 1)] == start[("grpo", 1)]
+  assert any("results:" in line for line in printed)
+
+
+def test_ablation_rejects_unknown_method_and_field():
+  with pytest.raises(ValueError, match=r"^methods: unknown method 'ppo2'; allowed: .*steppo"):
+    ablation.study_configs(["ppo2"], 3, {})
+  with pytest.raises(ValueError, match=r"^set: 'algo.gama' is not a config field"):
+    ablation.study_configs(["steppo"], 3, {"algo.gama": 0.9})
+
+
+def test_model_from_a_hugging_face_checkpoint(tmp_path):
+  """model.checkpoint: a safetensors directory is the model (its config and weights); SFT and RL start from it."""
+  from stepjax.models import hf, transformer
+
+  setup = runner.build(small(steppo.get_config()))
+  params = transformer.init_params(setup.model_config, jax.random.key(0))
+  hf.save_hf_checkpoint(setup.model_config, params, str(tmp_path / "ckpt"))
+  config = small(steppo.get_config())
+  config.model.checkpoint = str(tmp_path / "ckpt")
+  loaded = runner.build(config)
+  assert loaded.model_config.hidden_size == 32 and loaded.model_config.vocab_size == setup.model_config.vocab_size
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(loaded.checkpoint_params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  config.sft.steps = 0  # RL starts from the checkpoint itself
+  start = runner.sft_warm_start(loaded, progress=False)
+  assert start is loaded.checkpoint_params
+  # A checkpoint whose vocabulary cannot hold the tokenizer's ids is refused.
+  small_vocab = setup.model_config.replace(vocab_size=256)
+  hf.save_hf_checkpoint(small_vocab, transformer.init_params(small_vocab, jax.random.key(0)), str(tmp_path / "v"))
+  config.model.checkpoint = str(tmp_path / "v")
+  with pytest.raises(ValueError, match=r"^model\.checkpoint: vocab_size 256 does not cover the tokenizer's 335 ids"):
+    runner.build(config)

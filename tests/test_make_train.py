@@ -1,0 +1,111 @@
+"""make_train / make_sft_train / make_evaluate: the PureJaxRL-style whole-run functions against the pieces they are
+made of (rollout, then make_update), vmap over seeds, and a short run on the default environment that learns."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from stepjax import credit, losses, rollout, train
+from stepjax.envs import lookup_qa
+from stepjax.models import Transformer, ValueConfig, get_config
+from stepjax.tokenizers import WordTokenizer
+
+TOK = WordTokenizer(lookup_qa.vocabulary())
+ENV = lookup_qa.LookupQA(TOK, num_entities=16, max_hops=1, max_action_len=6)
+PARAMS = ENV.default_params().replace(hops=1, max_steps=4)
+MODEL = get_config("tiny", vocab_size=384, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
+                   num_kv_heads=1, head_dim=16, max_position_embeddings=256)
+ROLLOUT = rollout.RolloutConfig(num_tasks=2, episodes_per_task=2, max_steps=4, max_len=128, max_action_len=6,
+                                stop_ids=(TOK.end_of_step_id, TOK.eos_id), pad_id=TOK.pad_id)
+UPDATE = train.UpdateConfig(credit=credit.CreditConfig("step_gae", gamma=0.9, lam=0.8),
+                            policy_loss=losses.PolicyLossConfig("ppo"), value=ValueConfig(kind="head"), epochs=2,
+                            minibatches=2, kl_coef=0.01)
+OPTIM = train.OptimConfig(actor_lr=1e-3, critic_lr=1e-3)
+
+
+def _close(a, b, atol=1e-4):
+  """Adam steps ~ lr = 1e-3 whatever the gradient's size, so float32 reordering between a fused scan and separate
+  programs shows up as up to ~1e-4 in elements with near-zero gradients; a wiring error moves whole tensors."""
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=1e-4)
+
+
+def test_make_train_is_rollout_then_update():
+  """train(key) == init, then per iteration: split the state's key, roll out with it, make_update."""
+  key = jax.random.key(3)
+  state, metrics = jax.jit(train.make_train(MODEL, ENV, ROLLOUT, UPDATE, OPTIM, 2))(key, PARAMS)
+
+  manual = train.init_train_state(MODEL, UPDATE, OPTIM, key)
+  sample = jax.jit(rollout.make_rollout(Transformer(MODEL), ENV, ROLLOUT))
+  update = train.make_update(MODEL, UPDATE, OPTIM)
+  for i in range(2):
+    rng, rollout_key = jax.random.split(manual.key)
+    trunk = {k: v for k, v in manual.params["policy"].items() if k != "value_head"}
+    batch, info = sample(trunk, PARAMS, rollout_key)
+    batch.validate()
+    manual, step_metrics = update(manual.replace(rng=jax.random.key_data(rng)), batch)
+    expected = train.rollout_metrics(batch, info)
+    for name in ("success_rate", "agent_steps", "action_tokens", "return_mean"):
+      assert float(metrics[name][i]) == pytest.approx(float(expected[name]), abs=1e-6), name
+    for name in ("loss", "policy_loss", "value_loss", "kl"):
+      assert float(metrics[name][i]) == pytest.approx(float(step_metrics[name]), rel=1e-3, abs=1e-5), name
+  assert int(state.step) == 2
+  _close(state.params, manual.params)
+  np.testing.assert_array_equal(np.asarray(state.rng), np.asarray(manual.rng))
+
+
+def test_make_train_vmaps_over_seeds():
+  train_fn = train.make_train(MODEL, ENV, ROLLOUT, UPDATE, OPTIM, 1)
+  keys = jax.random.split(jax.random.key(0), 2)
+  both, metrics = jax.jit(jax.vmap(train_fn, in_axes=(0, None)))(keys, PARAMS)
+  single = jax.jit(train_fn)
+  for i in range(2):
+    alone, alone_metrics = single(keys[i], PARAMS)
+    _close(jax.tree.map(lambda x: x[i], both.params), alone.params)
+    assert float(metrics["agent_steps"][i, 0]) == float(alone_metrics["agent_steps"][0])
+
+
+def test_make_sft_train_matches_its_steps_and_feeds_make_train():
+  sft_rollout = dataclasses.replace(ROLLOUT, num_tasks=4, episodes_per_task=1)
+  sft_optim = train.OptimConfig(actor_lr=3e-3)
+  params, metrics = jax.jit(train.make_sft_train(MODEL, sft_optim, ENV, sft_rollout, 3))(jax.random.key(1), PARAMS)
+  assert metrics["nll"].shape == (3,)
+  assert float(metrics["nll"][-1]) < float(metrics["nll"][0])
+  # The same three steps one by one.
+  step = jax.jit(train.make_sft_iteration(MODEL, sft_optim, ENV, sft_rollout))
+  state = train.init_sft_state(MODEL, sft_optim, jax.random.key(1))
+  for i in range(3):
+    state, step_metrics = step(state, PARAMS)
+    assert float(step_metrics["nll"]) == pytest.approx(float(metrics["nll"][i]), rel=1e-4)
+  _close(state.params["policy"], params)
+  # A warm start seeds make_train (a fresh value head on top of the SFT trunk).
+  rl_state, _ = jax.jit(train.make_train(MODEL, ENV, ROLLOUT, UPDATE, OPTIM, 1))(jax.random.key(2), PARAMS, params)
+  assert set(rl_state.params["policy"]) == set(params) | {"value_head"}
+
+
+def test_evaluate_scores_greedy_and_sampled_on_the_same_tasks():
+  evaluate = jax.jit(train.make_evaluate(MODEL, ENV, ROLLOUT, 6))
+  trunk = train.init_sft_state(MODEL, OPTIM, jax.random.key(4)).params["policy"]
+  metrics = evaluate(trunk, PARAMS, jax.random.key(9))
+  config = dataclasses.replace(ROLLOUT, num_tasks=6, episodes_per_task=1)
+  for greedy, name in ((True, "success"), (False, "success_sampled")):
+    run = jax.jit(rollout.make_rollout(Transformer(MODEL), ENV, dataclasses.replace(config, greedy=greedy)))
+    batch, info = run(trunk, PARAMS, jax.random.key(9))
+    assert float(metrics[name]) == pytest.approx(float(np.mean(info.success)))
+    if greedy:
+      assert float(metrics["return"]) == pytest.approx(float(np.mean(batch.episode_returns())))
+  with pytest.raises(ValueError, match=r"^eval\.num_episodes: must be an int >= 1, got 0"):
+    train.make_evaluate(MODEL, ENV, ROLLOUT, 0)
+
+
+def test_make_train_checks_before_compiling():
+  with pytest.raises(ValueError, match=r"^rollout\.max_len: 64 cannot hold"):
+    train.make_train(MODEL, ENV, dataclasses.replace(ROLLOUT, max_len=64), UPDATE, OPTIM, 1)
+  with pytest.raises(ValueError, match=r"^update\.minibatches: 3 does not divide the batch size 4"):
+    train.make_train(MODEL, ENV, ROLLOUT, dataclasses.replace(UPDATE, minibatches=3), OPTIM, 1)
+  with pytest.raises(ValueError, match=r"^rollout\.max_len: 512 exceeds the model's max_position_embeddings 256"):
+    train.make_train(MODEL, ENV, dataclasses.replace(ROLLOUT, max_len=512), UPDATE, OPTIM, 1)
+  with pytest.raises(ValueError, match=r"^train\.num_iterations: must be an int >= 1, got 0"):
+    train.make_train(MODEL, ENV, ROLLOUT, UPDATE, OPTIM, 0)
