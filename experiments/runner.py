@@ -17,8 +17,8 @@ field first: a wrong name or an impossible size is one ValueError line naming th
           keep-last-k, atomic). `run(..., resume=True)` restores the latest complete one, cuts the logs back to it and
           continues bit-identically (same compiled chunk, same keys: everything random lives in the state).
 
-Host environments (TextWorld) are driven by `rollout.make_host_rollout` + `train.make_update` from Python; this
-runner covers the pure-JAX ones.
+Host environments (TextWorld) train through `train.make_host_train_iteration` (a Python loop around the same jitted
+pieces); this runner covers the pure-JAX ones.
 """
 
 from __future__ import annotations
@@ -187,6 +187,7 @@ def build(config: ml_collections.ConfigDict) -> Setup:
   num_seeds = _positive_int(t.seeds, "train.seeds")
   _positive_int(t.seed_offset, "train.seed_offset", 0)
   _positive_int(t.eval_episodes, "train.eval_episodes")
+  _positive_int(t.task_pool, "train.task_pool", 0)
   _positive_int(t.checkpoint_every, "train.checkpoint_every")
   _positive_int(t.keep_checkpoints, "train.keep_checkpoints")
   _positive_int(config.sft.steps, "sft.steps", 0)
@@ -286,7 +287,8 @@ def _programs(setup: Setup, per_seed_params: bool) -> dict[str, Callable]:
   mc, env, rc = setup.model_config, setup.env, setup.rollout_config
   uc, oc = setup.update_config, setup.optim_config
   t = setup.config.train
-  iteration = train.make_train_iteration(mc, env, rc, uc, oc)
+  task_pool = train.task_pool_keys(t.task_pool_seed, t.task_pool) if t.task_pool else None
+  iteration = train.make_train_iteration(mc, env, rc, uc, oc, task_pool)
 
   def chunk(state, env_params):
     return jax.lax.scan(lambda s, _: iteration(s, env_params), state, None, length=t.eval_every)

@@ -186,16 +186,19 @@ class RolloutInfo:
   invalid_steps: Array
 
 
-def task_keys_and_groups(key: Array, config: RolloutConfig, group_offset: Array | int = 0):
-  """Reset keys [B] (episodes of one task share a key) and group ids [B]."""
-  tasks = jax.random.split(key, config.num_tasks)
+def task_keys_and_groups(key: Array, config: RolloutConfig, group_offset: Array | int = 0, task_keys: Array = None):
+  """Reset keys [B] (episodes of one task share a key) and group ids [B]. task_keys: [num_tasks] keys to use
+  instead of fresh ones split from `key` (a fixed pool of training tasks)."""
+  tasks = jax.random.split(key, config.num_tasks) if task_keys is None else task_keys
   keys = jnp.repeat(tasks, config.episodes_per_task, axis=0)
   groups = jnp.repeat(jnp.arange(config.num_tasks, dtype=jnp.int32), config.episodes_per_task)
   return keys, groups + jnp.asarray(group_offset, jnp.int32)
 
 
 def make_rollout(model, env, config: RolloutConfig, actor: str = "model") -> Callable:
-  """-> `rollout(params, env_params, key) -> (EpisodeBatch, RolloutInfo)`, one pure function (jit it once).
+  """-> `rollout(params, env_params, key, group_offset=0, task_keys=None) -> (EpisodeBatch, RolloutInfo)`, one pure
+  function (jit it once). task_keys: [num_tasks] reset keys (e.g. drawn from a fixed task pool); default: fresh keys
+  split from `key`.
 
   actor="model" samples actions from the policy; actor="expert" replays the environment's scripted expert through
   the same cache (its tokens scored by the policy), which is what SFT warm starts and replay tests use.
@@ -211,10 +214,10 @@ def make_rollout(model, env, config: RolloutConfig, actor: str = "model") -> Cal
   env_step = jax.vmap(env.step, in_axes=(0, 0, 0, 0, None))
   expert = jax.vmap(env.expert_action, in_axes=(0, 0, None))
 
-  def rollout(params, env_params, key, group_offset=0):
+  def rollout(params, env_params, key, group_offset=0, task_keys=None):
     b = config.batch_size
     reset_key, key = jax.random.split(key)
-    keys, groups = task_keys_and_groups(reset_key, config, group_offset)
+    keys, groups = task_keys_and_groups(reset_key, config, group_offset, task_keys)
     env_state, obs, obs_len = reset(keys, env_params)
     rs = begin(model, params, obs, obs_len, groups, config)
 

@@ -23,6 +23,11 @@ Param tree of a `TrainState` per `ValueConfig.kind`:
 The optimizer labels `policy/value_head` and everything under `critic` as "critic" (critic_lr), the rest as
 "actor" (actor_lr): one optax chain = global-norm clipping over all gradients, then AdamW per label.
 
+Whole runs, PureJaxRL-style: `make_train_iteration` (rollout with the current policy, then the update above, as one
+pure function), `make_train(...) -> train(key, env_params, policy_params)` (init + a `lax.scan` over iterations; jit
+once, vmap over seeds), `make_sft_train` (the SFT warm start the same way), `make_evaluate` (held-out episodes,
+greedy and sampled) and `make_host_train_iteration` (host environments: a Python loop around the same pieces).
+
 Checkpoints are orbax `CheckpointManager` directories (asynchronous, keep-last-k, atomic: orbax writes
 `<step>.orbax-checkpoint-tmp*` and renames it when complete, so a save killed mid-write is never restored).
 """
@@ -866,13 +871,22 @@ def _check_env_rollout(env, rollout_config, model_config: ModelConfig, field: st
           f"{model_config.max_position_embeddings}")
 
 
+def task_pool_keys(pool_seed: int, pool_size: int) -> Array:
+  """[pool_size] reset keys of a fixed pool of training tasks (a training set of questions, as in LLM RL)."""
+  _check_int(pool_size, "train.task_pool", 1)
+  return jax.random.split(jax.random.fold_in(jax.random.key(pool_seed), 0x7A5C), pool_size)
+
+
 def make_train_iteration(model_config: ModelConfig, env, rollout_config, update_config: UpdateConfig,
-                         optim_config: OptimConfig) -> Callable[[TrainState, Any], tuple[TrainState, dict]]:
+                         optim_config: OptimConfig, task_pool: Array | None = None
+                         ) -> Callable[[TrainState, Any], tuple[TrainState, dict]]:
   """-> `iteration(state, env_params) -> (state, metrics)`: one pure (un-jitted) RL iteration on a JAX environment.
 
   It samples `rollout_config.batch_size` episodes with the current policy (the rollout key is split off
   `state.rng`), then runs the update of `make_update` (critic values and reference log-probs, credit, epochs x
   minibatches) on them. metrics: `make_update`'s plus `rollout_metrics`'. Pure: scan it, jit it, vmap it over seeds.
+  task_pool: [P] reset keys (`task_pool_keys`); each iteration then draws its num_tasks tasks from this fixed pool
+  (without replacement when P >= num_tasks) instead of fresh random tasks.
   """
   model_config.validate()
   update_config.validate()
@@ -884,9 +898,19 @@ def make_train_iteration(model_config: ModelConfig, env, rollout_config, update_
   with_ref = config.kl_coef > 0
   loss_side = _loss_side(config)
 
+  num_tasks = rollout_config.num_tasks
+
+  def draw_tasks(key):
+    if task_pool is None:
+      return None
+    pool_size = task_pool.shape[0]
+    index = jax.random.choice(key, pool_size, (num_tasks,), replace=pool_size < num_tasks)
+    return task_pool[index]
+
   def iteration(state: TrainState, env_params: Any) -> tuple[TrainState, dict]:
     rng, rollout_key = jax.random.split(state.key)
-    batch, info = sample(_policy_trunk(state.params["policy"]), env_params, rollout_key)
+    tasks = draw_tasks(jax.random.fold_in(rollout_key, 1))
+    batch, info = sample(_policy_trunk(state.params["policy"]), env_params, rollout_key, 0, tasks)
     state = state.replace(rng=_raw_key(rng))
     data, credit_metrics = _prepare(model_config, config.value.kind, config.credit, with_ref, config.minibatches,
                                     state.params, state.ref_params, batch)
@@ -896,17 +920,42 @@ def make_train_iteration(model_config: ModelConfig, env, rollout_config, update_
   return iteration
 
 
+def make_host_train_iteration(model_config: ModelConfig, rollout_config, tokenizer, update_config: UpdateConfig,
+                              optim_config: OptimConfig) -> Callable:
+  """-> `iteration(state, pool, seeds, group_ids=None) -> (state, metrics)` for host environments (TextWorld, any
+  `envs.host.HostEnv`): the host loop around the same jitted pieces. One call rolls out one episode per env of `pool`
+  (`rollout.make_host_rollout`, reset with `seeds`; the rollout key is split off `state.rng` as in
+  `make_train_iteration`), then runs `make_update` on the batch. metrics (host floats): the update's plus
+  `rollout_metrics`'. With update.halt_on_nonfinite a skipped minibatch raises (`check_halt`).
+  """
+  update_config.validate()
+  host_rollout = rollout_lib.make_host_rollout(Transformer(model_config), rollout_config, tokenizer)
+  update = make_update(model_config, update_config, optim_config)
+
+  def iteration(state: TrainState, pool, seeds, group_ids=None) -> tuple[TrainState, dict]:
+    rng, rollout_key = jax.random.split(state.key)
+    batch, info = host_rollout(_policy_trunk(state.params["policy"]), pool, seeds, rollout_key, group_ids)
+    state, metrics = update(state.replace(rng=_raw_key(rng)), batch)
+    metrics = {name: float(value) for name, value in
+               jax.device_get({**metrics, **rollout_metrics(batch, info)}).items()}
+    check_halt(metrics, update_config)
+    return state, metrics
+
+  return iteration
+
+
 def make_train(model_config: ModelConfig, env, rollout_config, update_config: UpdateConfig,
-               optim_config: OptimConfig, num_iterations: int) -> Callable:
+               optim_config: OptimConfig, num_iterations: int, task_pool: Array | None = None) -> Callable:
   """-> `train(key, env_params, policy_params=None) -> (state, metrics)`, PureJaxRL-style: one pure function that
   initialises a TrainState (from `policy_params`, e.g. an SFT warm start, else random) and runs `num_iterations`
-  of `make_train_iteration` in a `lax.scan`. metrics: each iteration's, stacked to [num_iterations].
+  of `make_train_iteration` (with its `task_pool`) in a `lax.scan`. metrics: each iteration's, stacked to
+  [num_iterations].
 
   Jit it once; `jax.vmap(train, in_axes=(0, None, None))(keys, env_params, policy_params)` trains one run per seed
   in one program (in_axes 0 for per-seed policy_params).
   """
   _check_int(num_iterations, "train.num_iterations", 1)
-  iteration = make_train_iteration(model_config, env, rollout_config, update_config, optim_config)
+  iteration = make_train_iteration(model_config, env, rollout_config, update_config, optim_config, task_pool)
 
   def train(key: Array, env_params: Any, policy_params: dict | None = None) -> tuple[TrainState, dict]:
     state = init_train_state(model_config, update_config, optim_config, key, policy_params)
@@ -953,7 +1002,8 @@ def make_evaluate(model_config: ModelConfig, env, rollout_config, num_episodes: 
   """-> `evaluate(policy_params, env_params, key) -> metrics`: `num_episodes` held-out episodes, greedy and sampled.
 
   Pass a key that training never uses (e.g. `jax.random.key(eval_seed)`, fixed for a whole study) so every run and
-  method is scored on the same held-out tasks. policy_params may carry a value head (ignored). metrics (float32):
+  method is scored on the same held-out tasks; or task_keys [num_episodes] to score given tasks (e.g. the
+  training pool). policy_params may carry a value head (ignored). metrics (float32):
   success (greedy), success_sampled, return (greedy), return_sampled, episode_steps (greedy),
   invalid_rate (greedy).
   """
@@ -964,11 +1014,11 @@ def make_evaluate(model_config: ModelConfig, env, rollout_config, num_episodes: 
   greedy = rollout_lib.make_rollout(model, env, dataclasses.replace(config, greedy=True))
   sampled = rollout_lib.make_rollout(model, env, dataclasses.replace(config, greedy=False))
 
-  def evaluate(policy_params: dict, env_params: Any, key: Array) -> dict:
+  def evaluate(policy_params: dict, env_params: Any, key: Array, task_keys: Array | None = None) -> dict:
     params = _policy_trunk(policy_params)
     # One key for both: the same held-out tasks (the reset keys come from the rollout key's first split).
-    greedy_metrics = rollout_metrics(*greedy(params, env_params, key))
-    sampled_metrics = rollout_metrics(*sampled(params, env_params, key))
+    greedy_metrics = rollout_metrics(*greedy(params, env_params, key, 0, task_keys))
+    sampled_metrics = rollout_metrics(*sampled(params, env_params, key, 0, task_keys))
     return {"success": greedy_metrics["success_rate"], "success_sampled": sampled_metrics["success_rate"],
             "return": greedy_metrics["return_mean"], "return_sampled": sampled_metrics["return_mean"],
             "episode_steps": greedy_metrics["episode_steps"], "invalid_rate": greedy_metrics["invalid_rate"]}

@@ -109,3 +109,50 @@ def test_make_train_checks_before_compiling():
     train.make_train(MODEL, ENV, dataclasses.replace(ROLLOUT, max_len=512), UPDATE, OPTIM, 1)
   with pytest.raises(ValueError, match=r"^train\.num_iterations: must be an int >= 1, got 0"):
     train.make_train(MODEL, ENV, ROLLOUT, UPDATE, OPTIM, 0)
+
+
+def test_task_pool_draws_every_task_from_the_pool():
+  """With a pool, each iteration's tasks are pool tasks (the first observations say which), and evaluate scores
+  given task keys exactly like a rollout on them."""
+  pool = train.task_pool_keys(5, 3)
+  iteration = jax.jit(train.make_train_iteration(MODEL, ENV, ROLLOUT, UPDATE, OPTIM, pool))
+  first_obs = []
+  for k in pool:
+    _, obs, obs_len = ENV.reset(k, PARAMS)
+    first_obs.append(np.asarray(obs)[:int(obs_len)])
+  assert len({obs.tobytes() for obs in first_obs}) == 3  # three different tasks
+  sample = rollout.make_rollout(Transformer(MODEL), ENV, ROLLOUT)
+  state = train.init_train_state(MODEL, UPDATE, OPTIM, jax.random.key(0))
+  rng, rollout_key = jax.random.split(state.key)
+  index = jax.random.choice(jax.random.fold_in(rollout_key, 1), 3, (ROLLOUT.num_tasks,), replace=False)
+  trunk = {k: v for k, v in state.params["policy"].items() if k != "value_head"}
+  batch, _ = jax.jit(sample)(trunk, PARAMS, rollout_key, 0, pool[index])
+  for row in range(ROLLOUT.batch_size):
+    task = index[row // ROLLOUT.episodes_per_task]
+    np.testing.assert_array_equal(np.asarray(batch.tokens[row, :len(first_obs[task])]), first_obs[task])
+  _, metrics = iteration(state, PARAMS)
+  assert float(metrics["agent_steps"]) == float(np.sum(batch.step_mask))
+  with pytest.raises(ValueError, match=r"^train\.task_pool: must be an int >= 1, got 0"):
+    train.task_pool_keys(5, 0)
+
+
+def test_host_loop_iteration_equals_the_jitted_iteration():
+  """The same lookup_qa tasks through host environments (`JaxEnvAsHost` in a `HostEnvPool`) and greedy decoding:
+  the host loop's iteration gives the jitted iteration's episodes and update."""
+  from stepjax.envs import host
+
+  config = dataclasses.replace(ROLLOUT, greedy=True, max_obs_len=ENV.max_obs_len)
+  state = train.init_train_state(MODEL, UPDATE, OPTIM, jax.random.key(6))
+  state_copy = jax.tree.map(lambda x: x.copy(), state)
+  jitted, jit_metrics = jax.jit(train.make_train_iteration(MODEL, ENV, config, UPDATE, OPTIM))(state, PARAMS)
+  # The reset keys the jitted iteration used: the first split of its rollout key.
+  rollout_key = jax.random.split(state_copy.key)[1]
+  keys, groups = rollout.task_keys_and_groups(jax.random.split(rollout_key)[0], config)
+  envs = [host.JaxEnvAsHost(ENV, PARAMS, seed_to_key=lambda row: keys[row]) for _ in range(config.batch_size)]
+  iteration = train.make_host_train_iteration(MODEL, config, TOK, UPDATE, OPTIM)
+  with host.HostEnvPool(envs) as pool:
+    hosted, host_metrics = iteration(state_copy, pool, list(range(config.batch_size)), np.asarray(groups))
+  for name in ("agent_steps", "action_tokens", "success_rate", "return_mean", "context_len"):
+    assert host_metrics[name] == pytest.approx(float(jit_metrics[name])), name
+  assert host_metrics["loss"] == pytest.approx(float(jit_metrics["loss"]), rel=1e-3, abs=1e-5)
+  _close(hosted.params, jitted.params)

@@ -6,5 +6,5 @@ from experiments.configs import base
 def get_config():
   c = base.get_config()
   c.name = "token_ppo"
-  c.algo.estimator, c.algo.loss, c.algo.critic, c.algo.whiten = "token_gae", "ppo", "head", "token"
+  c.algo.estimator, c.algo.loss, c.algo.critic, c.algo.whiten = "token_gae", "ppo", "separate", "token"
   return c
