@@ -283,7 +283,26 @@ def _per_seed(tree: dict, index: int) -> dict:
 # ------------------------------------------------------------------------------------------------------
 
 
+_PROGRAMS: dict[tuple, dict[str, Callable]] = {}
+
+
+def _setup_key(setup: Setup, *extra) -> tuple:
+  """What a compiled program depends on: equal configs (a grid's repeated runs, a resume) reuse one compilation
+  instead of tracing new closures. The environment enters through its config section and the tokenizer."""
+  c = setup.config
+  return (str(c.env), str(c.tokenizer), setup.model_config, setup.rollout_config, setup.update_config,
+          setup.optim_config, setup.sft_optim_config, setup.sft_rollout_config, c.train.eval_every,
+          c.train.eval_episodes, c.train.task_pool, c.train.task_pool_seed, *extra)
+
+
 def _programs(setup: Setup, per_seed_params: bool) -> dict[str, Callable]:
+  key = _setup_key(setup, per_seed_params)
+  if key not in _PROGRAMS:
+    _PROGRAMS[key] = _make_programs(setup, per_seed_params)
+  return _PROGRAMS[key]
+
+
+def _make_programs(setup: Setup, per_seed_params: bool) -> dict[str, Callable]:
   mc, env, rc = setup.model_config, setup.env, setup.rollout_config
   uc, oc = setup.update_config, setup.optim_config
   t = setup.config.train
@@ -327,11 +346,13 @@ def sft_warm_start(setup: Setup, *, progress: bool = True, log: Callable[[dict],
   keys = jnp.stack([jax.random.fold_in(jax.random.key(seed), 0) for seed in setup.seeds])
   if not config.sft.per_seed:
     keys = keys[:1]
-  state = jax.jit(jax.vmap(init, in_axes=(0, None)))(keys, setup.checkpoint_params)
+  programs = _PROGRAMS.setdefault(_setup_key(setup, "sft"), {})
+  if "init" not in programs:
+    programs["init"] = jax.jit(jax.vmap(init, in_axes=(0, None)))
+  state = programs["init"](keys, setup.checkpoint_params)
   from tqdm import tqdm
 
   bar = tqdm(total=steps, desc="sft", disable=not progress, dynamic_ncols=True, unit="step")
-  programs = {}
   done = 0
   while done < steps:
     length = min(SFT_CHUNK, steps - done)

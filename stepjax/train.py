@@ -921,7 +921,8 @@ def make_train_iteration(model_config: ModelConfig, env, rollout_config, update_
 
 
 def make_host_train_iteration(model_config: ModelConfig, rollout_config, tokenizer, update_config: UpdateConfig,
-                              optim_config: OptimConfig) -> Callable:
+                              optim_config: OptimConfig, *,
+                              compiler_options: Mapping[str, Any] | None = None) -> Callable:
   """-> `iteration(state, pool, seeds, group_ids=None) -> (state, metrics)` for host environments (TextWorld, any
   `envs.host.HostEnv`): the host loop around the same jitted pieces. One call rolls out one episode per env of `pool`
   (`rollout.make_host_rollout`, reset with `seeds`; the rollout key is split off `state.rng` as in
@@ -930,7 +931,7 @@ def make_host_train_iteration(model_config: ModelConfig, rollout_config, tokeniz
   """
   update_config.validate()
   host_rollout = rollout_lib.make_host_rollout(Transformer(model_config), rollout_config, tokenizer)
-  update = make_update(model_config, update_config, optim_config)
+  update = make_update(model_config, update_config, optim_config, compiler_options=compiler_options)
 
   def iteration(state: TrainState, pool, seeds, group_ids=None) -> tuple[TrainState, dict]:
     rng, rollout_key = jax.random.split(state.key)

@@ -2,6 +2,7 @@
 made of (rollout, then make_update), vmap over seeds, and a short run on the default environment that learns."""
 
 import dataclasses
+import functools
 
 import jax
 import numpy as np
@@ -23,6 +24,22 @@ UPDATE = train.UpdateConfig(credit=credit.CreditConfig("step_gae", gamma=0.9, la
                             policy_loss=losses.PolicyLossConfig("ppo"), value=ValueConfig(kind="head"), epochs=2,
                             minibatches=2, kl_coef=0.01)
 OPTIM = train.OptimConfig(actor_lr=1e-3, critic_lr=1e-3)
+FAST = {"xla_backend_optimization_level": 0}  # tiny programs: compile time matters, code quality does not
+
+
+def _jit(fn):
+  return jax.jit(fn, compiler_options=FAST)
+
+
+@functools.cache
+def _train_program():
+  """The one jitted 2-iteration `train` the tests share (compiled once per worker)."""
+  return _jit(train.make_train(MODEL, ENV, ROLLOUT, UPDATE, OPTIM, 2))
+
+
+@functools.cache
+def _sample_program(config=ROLLOUT):
+  return _jit(rollout.make_rollout(Transformer(MODEL), ENV, config))
 
 
 def _close(a, b, atol=1e-4):
@@ -35,11 +52,11 @@ def _close(a, b, atol=1e-4):
 def test_make_train_is_rollout_then_update():
   """train(key) == init, then per iteration: split the state's key, roll out with it, make_update."""
   key = jax.random.key(3)
-  state, metrics = jax.jit(train.make_train(MODEL, ENV, ROLLOUT, UPDATE, OPTIM, 2))(key, PARAMS)
+  state, metrics = _train_program()(key, PARAMS)
 
   manual = train.init_train_state(MODEL, UPDATE, OPTIM, key)
-  sample = jax.jit(rollout.make_rollout(Transformer(MODEL), ENV, ROLLOUT))
-  update = train.make_update(MODEL, UPDATE, OPTIM)
+  sample = _sample_program()
+  update = train.make_update(MODEL, UPDATE, OPTIM, compiler_options=FAST)
   for i in range(2):
     rng, rollout_key = jax.random.split(manual.key)
     trunk = {k: v for k, v in manual.params["policy"].items() if k != "value_head"}
@@ -57,41 +74,40 @@ def test_make_train_is_rollout_then_update():
 
 
 def test_make_train_vmaps_over_seeds():
-  train_fn = train.make_train(MODEL, ENV, ROLLOUT, UPDATE, OPTIM, 1)
+  train_fn = train.make_train(MODEL, ENV, ROLLOUT, UPDATE, OPTIM, 2)
   keys = jax.random.split(jax.random.key(0), 2)
-  both, metrics = jax.jit(jax.vmap(train_fn, in_axes=(0, None)))(keys, PARAMS)
-  single = jax.jit(train_fn)
+  both, metrics = _jit(jax.vmap(train_fn, in_axes=(0, None)))(keys, PARAMS)
   for i in range(2):
-    alone, alone_metrics = single(keys[i], PARAMS)
+    alone, alone_metrics = _train_program()(keys[i], PARAMS)
     _close(jax.tree.map(lambda x: x[i], both.params), alone.params)
-    assert float(metrics["agent_steps"][i, 0]) == float(alone_metrics["agent_steps"][0])
+    np.testing.assert_array_equal(np.asarray(metrics["agent_steps"][i]), np.asarray(alone_metrics["agent_steps"]))
 
 
 def test_make_sft_train_matches_its_steps_and_feeds_make_train():
   sft_rollout = dataclasses.replace(ROLLOUT, num_tasks=4, episodes_per_task=1)
   sft_optim = train.OptimConfig(actor_lr=3e-3)
-  params, metrics = jax.jit(train.make_sft_train(MODEL, sft_optim, ENV, sft_rollout, 3))(jax.random.key(1), PARAMS)
+  params, metrics = _jit(train.make_sft_train(MODEL, sft_optim, ENV, sft_rollout, 3))(jax.random.key(1), PARAMS)
   assert metrics["nll"].shape == (3,)
   assert float(metrics["nll"][-1]) < float(metrics["nll"][0])
   # The same three steps one by one.
-  step = jax.jit(train.make_sft_iteration(MODEL, sft_optim, ENV, sft_rollout))
+  step = _jit(train.make_sft_iteration(MODEL, sft_optim, ENV, sft_rollout))
   state = train.init_sft_state(MODEL, sft_optim, jax.random.key(1))
   for i in range(3):
     state, step_metrics = step(state, PARAMS)
     assert float(step_metrics["nll"]) == pytest.approx(float(metrics["nll"][i]), rel=1e-4)
   _close(state.params["policy"], params)
   # A warm start seeds make_train (a fresh value head on top of the SFT trunk).
-  rl_state, _ = jax.jit(train.make_train(MODEL, ENV, ROLLOUT, UPDATE, OPTIM, 1))(jax.random.key(2), PARAMS, params)
+  rl_state, _ = _train_program()(jax.random.key(2), PARAMS, params)
   assert set(rl_state.params["policy"]) == set(params) | {"value_head"}
 
 
 def test_evaluate_scores_greedy_and_sampled_on_the_same_tasks():
-  evaluate = jax.jit(train.make_evaluate(MODEL, ENV, ROLLOUT, 6))
+  evaluate = _jit(train.make_evaluate(MODEL, ENV, ROLLOUT, 6))
   trunk = train.init_sft_state(MODEL, OPTIM, jax.random.key(4)).params["policy"]
   metrics = evaluate(trunk, PARAMS, jax.random.key(9))
   config = dataclasses.replace(ROLLOUT, num_tasks=6, episodes_per_task=1)
   for greedy, name in ((True, "success"), (False, "success_sampled")):
-    run = jax.jit(rollout.make_rollout(Transformer(MODEL), ENV, dataclasses.replace(config, greedy=greedy)))
+    run = _sample_program(dataclasses.replace(config, greedy=greedy))
     batch, info = run(trunk, PARAMS, jax.random.key(9))
     assert float(metrics[name]) == pytest.approx(float(np.mean(info.success)))
     if greedy:
@@ -115,18 +131,17 @@ def test_task_pool_draws_every_task_from_the_pool():
   """With a pool, each iteration's tasks are pool tasks (the first observations say which), and evaluate scores
   given task keys exactly like a rollout on them."""
   pool = train.task_pool_keys(5, 3)
-  iteration = jax.jit(train.make_train_iteration(MODEL, ENV, ROLLOUT, UPDATE, OPTIM, pool))
+  iteration = _jit(train.make_train_iteration(MODEL, ENV, ROLLOUT, UPDATE, OPTIM, pool))
   first_obs = []
   for k in pool:
     _, obs, obs_len = ENV.reset(k, PARAMS)
     first_obs.append(np.asarray(obs)[:int(obs_len)])
   assert len({obs.tobytes() for obs in first_obs}) == 3  # three different tasks
-  sample = rollout.make_rollout(Transformer(MODEL), ENV, ROLLOUT)
   state = train.init_train_state(MODEL, UPDATE, OPTIM, jax.random.key(0))
   rng, rollout_key = jax.random.split(state.key)
   index = jax.random.choice(jax.random.fold_in(rollout_key, 1), 3, (ROLLOUT.num_tasks,), replace=False)
   trunk = {k: v for k, v in state.params["policy"].items() if k != "value_head"}
-  batch, _ = jax.jit(sample)(trunk, PARAMS, rollout_key, 0, pool[index])
+  batch, _ = _sample_program()(trunk, PARAMS, rollout_key, 0, pool[index])
   for row in range(ROLLOUT.batch_size):
     task = index[row // ROLLOUT.episodes_per_task]
     np.testing.assert_array_equal(np.asarray(batch.tokens[row, :len(first_obs[task])]), first_obs[task])
@@ -144,12 +159,12 @@ def test_host_loop_iteration_equals_the_jitted_iteration():
   config = dataclasses.replace(ROLLOUT, greedy=True, max_obs_len=ENV.max_obs_len)
   state = train.init_train_state(MODEL, UPDATE, OPTIM, jax.random.key(6))
   state_copy = jax.tree.map(lambda x: x.copy(), state)
-  jitted, jit_metrics = jax.jit(train.make_train_iteration(MODEL, ENV, config, UPDATE, OPTIM))(state, PARAMS)
+  jitted, jit_metrics = _jit(train.make_train_iteration(MODEL, ENV, config, UPDATE, OPTIM))(state, PARAMS)
   # The reset keys the jitted iteration used: the first split of its rollout key.
   rollout_key = jax.random.split(state_copy.key)[1]
   keys, groups = rollout.task_keys_and_groups(jax.random.split(rollout_key)[0], config)
   envs = [host.JaxEnvAsHost(ENV, PARAMS, seed_to_key=lambda row: keys[row]) for _ in range(config.batch_size)]
-  iteration = train.make_host_train_iteration(MODEL, config, TOK, UPDATE, OPTIM)
+  iteration = train.make_host_train_iteration(MODEL, config, TOK, UPDATE, OPTIM, compiler_options=FAST)
   with host.HostEnvPool(envs) as pool:
     hosted, host_metrics = iteration(state_copy, pool, list(range(config.batch_size)), np.asarray(groups))
   for name in ("agent_steps", "action_tokens", "success_rate", "return_mean", "context_len"):
