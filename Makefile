@@ -28,6 +28,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.credit
 	$(PY) -m benchmarks.generate
 	$(PY) -m benchmarks.rollout
+	$(PY) -m benchmarks.train
 
 # Re-pin constraints.txt from what is installed in .venv.
 lock: $(STAMP)
