@@ -465,10 +465,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, resume: bool = False
       logger.jsonl("metrics.jsonl", lines)
       iteration += t.eval_every
       chunks_done += 1
-      for field in ("skipped",):
-        if t.halt_on_nonfinite and metrics[field].sum():
-          raise FloatingPointError(f"train: {int(metrics[field].sum())} minibatch update(s) had a non-finite loss "
-                                   "or gradient (train.halt_on_nonfinite=True)")
+      skipped = int(metrics["skipped"].sum())
+      if t.halt_on_nonfinite and skipped:
+        raise FloatingPointError(f"train: {skipped} minibatch update(s) had a non-finite loss or gradient "
+                                 "(train.halt_on_nonfinite=True)")
       evaluation = _evaluate(programs, state, setup, eval_key, iteration, env_steps, logger)
       if chunks_done % t.checkpoint_every == 0 or iteration == t.iterations:
         train.save_checkpoint(manager, state, iteration, {"iteration": iteration, "env_steps": env_steps.tolist(),
