@@ -4,6 +4,7 @@ Configs call these when they are built (before anything compiles); pure function
 shapes and dtypes are known and values may be tracers (hyperparameters are then range-checked only when concrete).
 
     fail("update.minibatches", "3 does not divide the batch size 8")
+    require(np.all(step_len[step_mask] >= 1), "step_len", "every valid step needs at least one action token")
     check_int(x, "train.iterations", minimum=1)
     check_number(x, "optim.b1", lambda v: 0 <= v < 1, "in [0, 1)")
     check_hyper(gamma, "gamma", lambda v: 0 <= v <= 1, "in [0, 1]")      # tracers pass through
@@ -29,6 +30,12 @@ _KIND_NAMES = {"float": "a float dtype", "int": "an integer dtype", "signed": "a
 
 def fail(field: str, message: str) -> NoReturn:
   raise ValueError(f"{field}: {message}")
+
+
+def require(ok, field: str, message: str) -> None:
+  """fail(field, message) unless `ok`: for checks of concrete values that the helpers below do not cover."""
+  if not ok:
+    fail(field, message)
 
 
 def is_tracer(x) -> bool:
@@ -156,8 +163,12 @@ def join_field(prefix: str, field: str) -> str:
 
 
 @contextlib.contextmanager
-def section(prefix: str) -> Iterator[None]:
-  """Inside, a ValueError `field: message` becomes `prefix.field: message` (see `join_field`)."""
+def section(prefix: str, strip: str = "") -> Iterator[None]:
+  """Inside, a ValueError `field: message` becomes `prefix.field: message` (see `join_field`).
+
+  strip: a section name the inner code uses for what the caller calls `prefix` (a config built from another config
+  section): `section("algo", strip="update")` turns "update.value_coef: ..." into "algo.value_coef: ...".
+  """
   try:
     yield
   except ValueError as error:
@@ -165,4 +176,6 @@ def section(prefix: str) -> Iterator[None]:
     field, sep, rest = message.partition(": ")
     if not sep or " " in field:  # not one of ours: keep it whole, under the section
       raise ValueError(f"{prefix}: {message}") from None
-    raise ValueError(f"{join_field(prefix, field)}: {rest}") from None
+    if strip and (field == strip or field.startswith(strip + ".")):
+      field = field[len(strip):].lstrip(".")
+    raise ValueError(f"{join_field(prefix, field) if field else prefix}: {rest}") from None

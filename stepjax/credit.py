@@ -1,4 +1,4 @@
-"""Advantage estimators, whitening and broadcasting: pure functions over fixed-shape arrays.
+"""Advantage estimators and the registry that picks one by name: pure functions over fixed-shape arrays.
 
 Every function here is jit- and vmap-compatible (no Python loops over time, no data-dependent shapes) and checks
 its inputs at trace time: a wrong shape, dtype or hyperparameter raises one ValueError line naming the argument.
@@ -14,21 +14,27 @@ Conventions (B episodes, S step slots, L tokens):
 * Critic-free estimators — `grpo` (with `normalize_std=False`: Dr.GRPO), `rloo`, `reinforce_pp`,
   `reinforce_pp_baseline`, `gigpo` — compare episodes (or steps) within groups keyed by arbitrary int ids.
   Invalid items give exactly 0 and never count in a group statistic.
-* `compute_advantages(config, batch, position_values)` picks an estimator by name (`ESTIMATORS`), whitens
-  ("step" or "token") and returns a `Credit` with the per-token advantages the policy loss consumes.
+* Each estimator is registered once with `@register_estimator(name, critic=..., level=..., whitens=...)`;
+  `compute_advantages(config, batch, position_values)` runs the one `config.estimator` names, whitens ("step" or
+  "token") and returns a `Credit` with the per-token advantages the policy loss consumes.
+
+Whitening, step means and broadcasts, and group ids live in `stepjax.segments`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple
+import functools
+from typing import Any, Callable
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import struct
 from jax import lax
 
+from stepjax.checks import check_array, check_bool, check_choice, check_hyper, check_int, fail
+# broadcast_to_tokens, masked_whiten and segment_ids live in segments; they stay importable from here.
+from stepjax.segments import (broadcast_to_tokens, compute_dtype, group_moments, masked_whiten, mean_per_step,
+                               segment_ids)
 from stepjax.types import EpisodeBatch
 
 Array = Any
@@ -39,76 +45,19 @@ DEFAULT_GAE_METHOD = "scan"
 DEFAULT_GAE_UNROLL = 1
 WHITEN_MODES = ("step", "token", None)
 GIGPO_MODES = ("mean_std_norm", "mean_norm")
+CRITIC_LEVELS = ("step", "token", None)
+ADVANTAGE_LEVELS = ("step", "token")
 
 # Odd multipliers are invertible mod 2**32, which lets a span hash be read off two prefix hashes.
 _HASH_MULTIPLIERS = (0x9E3779B1, 0x01000193)
 
-
-# ------------------------------------------------------------------------------------------------------
-# Input checks (trace time, one line naming the argument).
-# ------------------------------------------------------------------------------------------------------
+# Credit's inputs may be anything jnp.asarray takes (lists, numpy arrays); checked, then converted.
+_as_array = functools.partial(check_array, convert=True)
 
 
-def _fail(arg: str, message: str):
-  raise ValueError(f"{arg}: {message}")
-
-
-_KIND_NAMES = {"float": "a float dtype", "bool": "bool", "int": "an integer dtype"}
-
-
-def _as_array(x, arg: str, kind: str, shape: tuple[int, ...] | None = None, like: str | None = None) -> Array:
-  """Converts `x` to a jax array and checks its dtype kind ("float" | "bool" | "int") and, if given, its shape."""
-  if x is None or isinstance(x, (str, bytes, dict)):
-    _fail(arg, f"expected an array, got {type(x).__name__}")
-  x = jnp.asarray(x)
-  ok = {"float": jnp.issubdtype(x.dtype, jnp.floating), "bool": x.dtype == jnp.bool_,
-        "int": jnp.issubdtype(x.dtype, jnp.integer)}[kind]
-  if not ok:
-    hint = " (for a 0/1 array pass x > 0)" if kind == "bool" else ""
-    _fail(arg, f"expected {_KIND_NAMES[kind]}, got {x.dtype}{hint}")
-  if shape is not None and tuple(x.shape) != tuple(shape):
-    suffix = f" (the shape of {like})" if like else ""
-    _fail(arg, f"expected shape {tuple(shape)}{suffix}, got {tuple(x.shape)}")
-  return x
-
-
-def _check_rate(x, arg: str) -> None:
-  """gamma / lam: a scalar; its range [0, 1] is checked only when it is concrete (it may be traced under vmap)."""
-  if isinstance(x, bool):
-    _fail(arg, f"expected a number in [0, 1], got {x!r}")
-  if isinstance(x, jax.core.Tracer):
-    if x.ndim != 0:
-      _fail(arg, f"expected a scalar, got shape {tuple(x.shape)}")
-    return
-  try:
-    value = np.asarray(x)
-  except Exception:  # noqa: BLE001 - anything numpy cannot read is not a number
-    _fail(arg, f"expected a number in [0, 1], got {type(x).__name__}")
-  if value.ndim != 0 or value.dtype.kind not in "iuf":
-    _fail(arg, f"expected a number in [0, 1], got {x!r}")
-  if not 0.0 <= float(value) <= 1.0:
-    _fail(arg, f"must lie in [0, 1], got {float(value)}")
-
-
-def _check_choice(value, arg: str, allowed: tuple) -> None:
-  if not any(value is a or (isinstance(value, str) and value == a) for a in allowed):
-    _fail(arg, f"expected one of {', '.join(repr(a) for a in allowed)}, got {value!r}")
-
-
-def _check_estimator(name, arg: str = "estimator") -> None:
-  if not isinstance(name, str) or name not in ESTIMATORS:
-    _fail(arg, f"expected one of {', '.join(repr(n) for n in ESTIMATORS)}, got {name!r} (Dr.GRPO is 'grpo' with "
-          "normalize_std=False)")
-
-
-def _check_positive_int(value, arg: str) -> None:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-    _fail(arg, f"expected a positive int, got {value!r}")
-
-
-def _compute_dtype(*xs) -> Any:
-  """At least float32: a bfloat16 value head must not make GAE accumulate in bfloat16."""
-  return jnp.promote_types(jnp.result_type(*xs), jnp.float32)
+def _check_rate(x, field: str) -> None:
+  """gamma / lam: a scalar in [0, 1], range-checked only when concrete (it may be traced under vmap)."""
+  check_hyper(x, field, lambda v: (v >= 0) & (v <= 1), "a number in [0, 1]", scalar=True)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -162,25 +111,25 @@ def _gae_associative(rewards, values, valid, next_after_last, discount, decay):
 def _gae(rewards, values, mask, mask_name, *, gamma, lam, bootstrap_values, truncated, truncation_as_terminal,
          method, unroll):
   """Shared body of step_gae and token_gae: checks, then the chosen recursion. Returns (advantages, returns)."""
-  _check_choice(method, "method", GAE_METHODS)
-  _check_positive_int(unroll, "unroll")
+  check_choice(method, "method", GAE_METHODS)
+  check_int(unroll, "unroll", minimum=1)
   _check_rate(gamma, "gamma")
   _check_rate(lam, "lam")
   rewards = _as_array(rewards, "rewards", "float")
   if rewards.ndim < 1:
-    _fail("rewards", "expected an array with a slot axis [..., T], got a scalar")
-  values = _as_array(values, "values", "float", rewards.shape, "rewards")
-  mask = _as_array(mask, mask_name, "bool", rewards.shape, "rewards")
+    fail("rewards", "expected an array with a slot axis [..., T], got a scalar")
+  values = _as_array(values, "values", "float", shape=rewards.shape, like="rewards")
+  mask = _as_array(mask, mask_name, "bool", shape=rewards.shape, like="rewards")
   episode_shape = rewards.shape[:-1]
   if bootstrap_values is None:
     bootstrap_values = jnp.zeros(episode_shape, values.dtype)
-  bootstrap_values = _as_array(bootstrap_values, "bootstrap_values", "float", episode_shape, "rewards without its "
-                               "last axis")
+  bootstrap_values = _as_array(bootstrap_values, "bootstrap_values", "float", shape=episode_shape,
+                               like="rewards without its last axis")
   truncated = jnp.zeros(episode_shape, bool) if truncated is None else truncated
-  truncated = _as_array(truncated, "truncated", "bool", episode_shape, "rewards without its last axis")
-  truncation_as_terminal = _as_array(truncation_as_terminal, "truncation_as_terminal", "bool", ())
+  truncated = _as_array(truncated, "truncated", "bool", shape=episode_shape, like="rewards without its last axis")
+  truncation_as_terminal = _as_array(truncation_as_terminal, "truncation_as_terminal", "bool", shape=())
 
-  dtype = _compute_dtype(rewards, values, bootstrap_values)
+  dtype = compute_dtype(rewards, values, bootstrap_values)
   rewards, values, bootstrap_values = (x.astype(dtype) for x in (rewards, values, bootstrap_values))
   discount = jnp.asarray(gamma, dtype)
   decay = discount * jnp.asarray(lam, dtype)
@@ -254,134 +203,16 @@ def discounted_returns(rewards, mask, *, gamma, method: str = DEFAULT_GAE_METHOD
 
 
 # ------------------------------------------------------------------------------------------------------
-# Whitening and broadcasting.
+# Group-relative estimators (groups keyed by arbitrary int ids: `segments.segment_ids`).
 # ------------------------------------------------------------------------------------------------------
-
-
-def masked_whiten(x, mask, *, shift_mean: bool = True, eps: float = 1e-8):
-  """(x − mean)·rsqrt(var + eps) with mean and variance over `mask`; 0 outside the mask. Any shape.
-
-  Statistics are over every masked element of the array (not per row). The variance carries Bessel's correction
-  n/(n−1), as the reference implementation's masked_whiten; n ≤ 1 uses no correction (the variance is then 0).
-  shift_mean=False adds the mean back. An all-False mask gives all zeros.
-  """
-  x = _as_array(x, "x", "float")
-  mask = _as_array(mask, "mask", "bool", x.shape, "x")
-  dtype = _compute_dtype(x)
-  x = x.astype(dtype)
-  weight = mask.astype(dtype)
-  count = jnp.sum(weight)
-  mean = jnp.sum(x * weight) / jnp.maximum(count, 1.0)
-  centered = jnp.where(mask, x - mean, 0.0)
-  bessel = jnp.where(count > 1, count / jnp.maximum(count - 1.0, 1.0), 1.0)
-  variance = jnp.sum(centered * centered) / jnp.maximum(count, 1.0) * bessel
-  whitened = (x - mean) * lax.rsqrt(variance + eps)
-  if not shift_mean:
-    whitened = whitened + mean
-  return jnp.where(mask, whitened, 0.0)
-
-
-def broadcast_to_tokens(per_step, step_ids):
-  """per_step [B, S] -> [B, L]: each action token gets its step's value; 0 where step_ids < 0 (or ≥ S).
-
-  Any matching leading dims: per_step [..., S], step_ids [..., L].
-  """
-  per_step = jnp.asarray(per_step)
-  if per_step.ndim < 1:
-    _fail("per_step", "expected an array with a step axis [..., S], got a scalar")
-  step_ids = _as_array(step_ids, "step_ids", "int")
-  if step_ids.shape[:-1] != per_step.shape[:-1] or step_ids.ndim != per_step.ndim:
-    _fail("step_ids", f"expected shape {per_step.shape[:-1] + ('L',)} (the leading dims of per_step), got "
-          f"{tuple(step_ids.shape)}")
-  num_steps = per_step.shape[-1]
-  inside = (step_ids >= 0) & (step_ids < num_steps)
-  if num_steps == 0:
-    return jnp.zeros(step_ids.shape, per_step.dtype)
-  gathered = jnp.take_along_axis(per_step, jnp.clip(step_ids, 0, num_steps - 1), axis=-1)
-  return jnp.where(inside, gathered, jnp.zeros((), per_step.dtype))
-
-
-def _mean_per_step(per_token, step_ids, num_steps: int):
-  """[B, L] -> [B, S] mean over each step's action tokens (0 for steps without tokens)."""
-  rows = jnp.arange(per_token.shape[0])[:, None]
-  slot = jnp.where(step_ids >= 0, step_ids, num_steps)  # out of range -> dropped
-  total = jnp.zeros((per_token.shape[0], num_steps), per_token.dtype).at[rows, slot].add(per_token, mode="drop")
-  count = jnp.zeros((per_token.shape[0], num_steps), per_token.dtype).at[rows, slot].add(1.0, mode="drop")
-  return total / jnp.maximum(count, 1.0)
-
-
-# ------------------------------------------------------------------------------------------------------
-# Groups: sort-based dense segment ids and per-group moments.
-# ------------------------------------------------------------------------------------------------------
-
-
-def segment_ids(*keys, valid=None):
-  """Dense group ids for items whose keys are all equal: each key [N] int -> (ids [N] int32, count [] int32).
-
-  Valid items get ids 0..count−1 (in sorted-key order); invalid items get id N, which jax.ops.segment_sum with
-  num_segments = N drops. Keys are arbitrary ints (not limited to < N); one sort, no hashing of the keys.
-  """
-  if not keys:
-    _fail("keys", "expected at least one key array")
-  first = jnp.asarray(keys[0])
-  if first.ndim != 1:
-    _fail("keys", f"expected 1-D [N] key arrays, got shape {tuple(first.shape)}")
-  num_items = first.shape[0]
-  checked = []
-  for index, key in enumerate(keys):
-    key = jnp.asarray(key)
-    if key.dtype == jnp.bool_:
-      key = key.astype(jnp.int32)
-    checked.append(_as_array(key, f"keys[{index}]", "int", (num_items,), "keys[0]"))
-  valid = jnp.ones((num_items,), bool) if valid is None else _as_array(valid, "valid", "bool", (num_items,), "keys")
-  if num_items == 0:
-    return jnp.zeros((0,), jnp.int32), jnp.zeros((), jnp.int32)
-  # Invalid items sort last (primary key), so valid groups take the dense ids 0..count-1.
-  invalid_first_key = jnp.logical_not(valid).astype(jnp.int32)
-  order = jnp.arange(num_items, dtype=jnp.int32)
-  *sorted_keys, sorted_order = lax.sort((invalid_first_key, *checked, order), dimension=0,
-                                        num_keys=len(checked) + 1)
-  differs = jnp.zeros((num_items - 1,), bool)
-  for key in sorted_keys:  # a loop over the (few) key arrays, not over items
-    differs = differs | (key[1:] != key[:-1])
-  starts_group = jnp.concatenate([jnp.ones((1,), bool), differs])
-  sorted_valid = sorted_keys[0] == 0
-  dense = jnp.cumsum(starts_group.astype(jnp.int32)) - 1
-  dense = jnp.where(sorted_valid, dense, num_items)
-  ids = jnp.zeros((num_items,), jnp.int32).at[sorted_order].set(dense, unique_indices=True)
-  count = jnp.sum(starts_group & sorted_valid).astype(jnp.int32)
-  return ids, count
-
-
-class _GroupMoments(NamedTuple):
-  size: Array  # [N] number of valid items in the item's group
-  mean: Array  # [N]
-  std: Array  # [N] unbiased (n − 1); 0 for a group of one
-
-
-def _group_moments(x, ids, valid) -> _GroupMoments:
-  """Per-item statistics of the item's group, over valid items only. x, ids, valid: [N]."""
-  num_items = x.shape[0]
-  own = jnp.clip(ids, 0, num_items - 1)  # invalid items (id N) read garbage that callers mask out
-  size = jax.ops.segment_sum(valid.astype(x.dtype), ids, num_segments=num_items)
-  # Average offsets from a member of the group, so a group of tied scores gets its mean (and a 0 advantage)
-  # exactly instead of up to rounding, which a division by (std + eps) would blow up.
-  pivot = jax.ops.segment_max(jnp.where(valid, x, -jnp.inf), ids, num_segments=num_items)[own]
-  offsets = jax.ops.segment_sum(jnp.where(valid, x - pivot, 0.0), ids, num_segments=num_items)
-  mean = pivot + offsets[own] / jnp.maximum(size[own], 1.0)
-  deviation = jnp.where(valid, x - mean, 0.0)
-  squares = jax.ops.segment_sum(deviation * deviation, ids, num_segments=num_items)
-  std = jnp.sqrt(squares / jnp.maximum(size - 1.0, 1.0))
-  return _GroupMoments(size=size[own], mean=mean, std=std[own])
 
 
 def _episode_inputs(scores, group_id, valid):
-  scores = _as_array(scores, "scores", "float")
-  if scores.ndim != 1:
-    _fail("scores", f"expected a 1-D [B] array, got shape {tuple(scores.shape)}")
-  group_id = _as_array(group_id, "group_id", "int", scores.shape, "scores")
-  valid = jnp.ones(scores.shape, bool) if valid is None else _as_array(valid, "valid", "bool", scores.shape, "scores")
-  return scores.astype(_compute_dtype(scores)), group_id, valid
+  scores = _as_array(scores, "scores", "float", rank=1, dims="[B]")
+  group_id = _as_array(group_id, "group_id", "int", shape=scores.shape, like="scores")
+  valid = jnp.ones(scores.shape, bool) if valid is None else _as_array(valid, "valid", "bool", shape=scores.shape,
+                                                                       like="scores")
+  return scores.astype(compute_dtype(scores)), group_id, valid
 
 
 def grpo(scores, group_id, valid=None, *, normalize_std=True, eps: float = 1e-6):
@@ -392,7 +223,7 @@ def grpo(scores, group_id, valid=None, *, normalize_std=True, eps: float = 1e-6)
   """
   scores, group_id, valid = _episode_inputs(scores, group_id, valid)
   ids, _ = segment_ids(group_id, valid=valid)
-  moments = _group_moments(scores, ids, valid)
+  moments = group_moments(scores, ids, valid)
   alone = moments.size <= 1
   mean = jnp.where(alone, 0.0, moments.mean)
   std = jnp.where(alone, 1.0, moments.std)
@@ -409,7 +240,7 @@ def rloo(scores, group_id, valid=None):
   """
   scores, group_id, valid = _episode_inputs(scores, group_id, valid)
   ids, _ = segment_ids(group_id, valid=valid)
-  moments = _group_moments(scores, ids, valid)
+  moments = group_moments(scores, ids, valid)
   size = moments.size
   leave_one_out = (scores - moments.mean) * size / jnp.maximum(size - 1.0, 1.0)
   return jnp.where(valid, jnp.where(size > 1, leave_one_out, scores), 0.0)
@@ -421,7 +252,7 @@ def reinforce_pp(token_rewards, action_mask, *, gamma, eps: float = 1e-8, method
   The return is token_gae with V = 0 and λ = 1, treated as terminal (so only action tokens discount).
   """
   token_rewards = _as_array(token_rewards, "token_rewards", "float")
-  action_mask = _as_array(action_mask, "action_mask", "bool", token_rewards.shape, "token_rewards")
+  action_mask = _as_array(action_mask, "action_mask", "bool", shape=token_rewards.shape, like="token_rewards")
   returns = discounted_returns(token_rewards, action_mask, gamma=gamma, method=method)
   return masked_whiten(returns, action_mask, eps=eps)
 
@@ -435,9 +266,9 @@ def reinforce_pp_baseline(scores, group_id, action_mask, valid=None, *, eps: flo
   scores, group_id, valid = _episode_inputs(scores, group_id, valid)
   action_mask = _as_array(action_mask, "action_mask", "bool")
   if action_mask.ndim != 2 or action_mask.shape[0] != scores.shape[0]:
-    _fail("action_mask", f"expected shape ({scores.shape[0]}, L) (one row per score), got {tuple(action_mask.shape)}")
+    fail("action_mask", f"expected shape ({scores.shape[0]}, L) (one row per score), got {tuple(action_mask.shape)}")
   ids, _ = segment_ids(group_id, valid=valid)
-  moments = _group_moments(scores, ids, valid)
+  moments = group_moments(scores, ids, valid)
   centered = scores - jnp.where(moments.size <= 1, 0.0, moments.mean)
   token_mask = action_mask & valid[:, None]
   per_token = jnp.where(token_mask, centered[:, None], 0.0)
@@ -446,7 +277,7 @@ def reinforce_pp_baseline(scores, group_id, action_mask, valid=None, *, eps: flo
 
 def _normalize_in_groups(x, ids, valid, mode: str, eps: float):
   """GiGPO normalisation of x [N] within groups: mean_std_norm (x−mean)/(std+eps) or mean_norm x−mean."""
-  moments = _group_moments(x, ids, valid)
+  moments = group_moments(x, ids, valid)
   centered = x - moments.mean  # exactly 0 for a group of one
   out = centered / (moments.std + eps) if mode == "mean_std_norm" else centered
   return jnp.where(valid, out, 0.0)
@@ -473,13 +304,11 @@ def preceding_observation_keys(tokens, step_start, step_len):
   t = 0, i.e. the prompt). Two independent polynomial hashes plus the length make accidental collisions
   negligible (about 2^-64 per pair); they are not meant to resist adversarially constructed token sequences.
   """
-  tokens = _as_array(tokens, "tokens", "int")
-  if tokens.ndim != 2:
-    _fail("tokens", f"expected a rank-2 [B, L] array, got shape {tuple(tokens.shape)}")
+  tokens = _as_array(tokens, "tokens", "int", rank=2, dims="[B, L]")
   step_start = _as_array(step_start, "step_start", "int")
   if step_start.ndim != 2 or step_start.shape[0] != tokens.shape[0]:
-    _fail("step_start", f"expected shape ({tokens.shape[0]}, S), got {tuple(step_start.shape)}")
-  step_len = _as_array(step_len, "step_len", "int", step_start.shape, "step_start")
+    fail("step_start", f"expected shape ({tokens.shape[0]}, S), got {tuple(step_start.shape)}")
+  step_len = _as_array(step_len, "step_len", "int", shape=step_start.shape, like="step_start")
   length = tokens.shape[1]
   step_start = step_start.astype(jnp.int32)
   action_end = step_start + step_len.astype(jnp.int32)
@@ -497,8 +326,8 @@ def anchor_state_ids(tokens, step_start, step_len, step_mask, group_id):
   dense ids 0..count−1 on valid steps, B·S on invalid ones.
   """
   keys = preceding_observation_keys(tokens, step_start, step_len)
-  step_mask = _as_array(step_mask, "step_mask", "bool", keys[0].shape, "step_start")
-  group_id = _as_array(group_id, "group_id", "int", keys[0].shape[:1], "tokens' batch axis")
+  step_mask = _as_array(step_mask, "step_mask", "bool", shape=keys[0].shape, like="step_start")
+  group_id = _as_array(group_id, "group_id", "int", shape=keys[0].shape[:1], like="tokens' batch axis")
   group_per_step = jnp.broadcast_to(group_id[:, None], keys[0].shape)
   flat = [k.reshape(-1) for k in (group_per_step,) + keys]
   ids, count = segment_ids(*flat, valid=step_mask.reshape(-1))
@@ -520,16 +349,14 @@ def gigpo(episode_scores, step_rewards, step_mask, group_id, anchor_ids, *, gamm
     step_rewards: [B, S] float.  step_mask: [B, S] bool (valid steps).  group_id: [B] int.
     anchor_ids: [B, S] int, any ids that are equal exactly for equal anchor states (within a group).
   """
-  _check_choice(mode, "mode", GIGPO_MODES)
-  step_rewards = _as_array(step_rewards, "step_rewards", "float")
-  if step_rewards.ndim != 2:
-    _fail("step_rewards", f"expected a rank-2 [B, S] array, got shape {tuple(step_rewards.shape)}")
-  step_mask = _as_array(step_mask, "step_mask", "bool", step_rewards.shape, "step_rewards")
-  anchor_ids = _as_array(anchor_ids, "anchor_ids", "int", step_rewards.shape, "step_rewards")
-  episode_scores = _as_array(episode_scores, "episode_scores", "float", step_rewards.shape[:1], "step_rewards' "
-                             "batch axis")
-  group_id = _as_array(group_id, "group_id", "int", step_rewards.shape[:1], "step_rewards' batch axis")
-  dtype = _compute_dtype(episode_scores, step_rewards)
+  check_choice(mode, "mode", GIGPO_MODES)
+  step_rewards = _as_array(step_rewards, "step_rewards", "float", rank=2, dims="[B, S]")
+  step_mask = _as_array(step_mask, "step_mask", "bool", shape=step_rewards.shape, like="step_rewards")
+  anchor_ids = _as_array(anchor_ids, "anchor_ids", "int", shape=step_rewards.shape, like="step_rewards")
+  per_episode = dict(shape=step_rewards.shape[:1], like="step_rewards' batch axis")
+  episode_scores = _as_array(episode_scores, "episode_scores", "float", **per_episode)
+  group_id = _as_array(group_id, "group_id", "int", **per_episode)
+  dtype = compute_dtype(episode_scores, step_rewards)
   episode_valid = jnp.any(step_mask, axis=1)
   episode_groups, _ = segment_ids(group_id, valid=episode_valid)
   episode_part = _normalize_in_groups(episode_scores.astype(dtype), episode_groups, episode_valid, mode, eps)
@@ -542,8 +369,70 @@ def gigpo(episode_scores, step_rewards, step_mask, group_id, anchor_ids, *, gamm
 
 
 # ------------------------------------------------------------------------------------------------------
-# Registry: configs choose an estimator by name.
+# Registry: every estimator registers itself with what it needs and what it returns.
 # ------------------------------------------------------------------------------------------------------
+
+EstimatorFn = Callable[["CreditConfig", EpisodeBatch, Any], tuple[Array, Any]]
+
+
+@dataclasses.dataclass(frozen=True)
+class EstimatorSpec:
+  """A registered estimator: `fn(config, batch, position_values) -> (advantages, returns)`.
+
+  critic: the level the value head is read at: "step" (at step_start - 1, one value per step), "token" (before each
+    action token) or None (critic-free: fn ignores position_values and returns None as `returns`).
+  level: what fn's advantages are: "step" -> [B, S] per step (0 on invalid steps), "token" -> [B, L] per action
+    token (0 elsewhere). returns: the value targets at the critic's level ([B, S] or [B, L]), or None.
+  whitens: fn normalises its advantages itself, so CreditConfig.whiten must be None (no double whitening).
+  """
+
+  name: str
+  fn: EstimatorFn
+  critic: str | None
+  level: str
+  whitens: bool = False
+
+
+ESTIMATORS: dict[str, EstimatorSpec] = {}  # name -> spec, in registration order; read it, register to extend it
+
+
+def register_estimator(name: str, *, critic: str | None, level: str, whitens: bool = False):
+  """Decorator: registers `fn(config, batch, position_values) -> (advantages, returns)` under `name` (see
+  `EstimatorSpec`) and returns fn unchanged. A name is registered once (`unregister_estimator` frees it)."""
+  if not isinstance(name, str) or not name:
+    fail("name", f"expected a non-empty str, got {name!r}")
+  if name in ESTIMATORS:
+    fail("name", f"estimator {name!r} is already registered")
+  check_choice(critic, "critic", CRITIC_LEVELS)
+  check_choice(level, "level", ADVANTAGE_LEVELS)
+  check_bool(whitens, "whitens")
+
+  def register(fn: EstimatorFn) -> EstimatorFn:
+    ESTIMATORS[name] = EstimatorSpec(name=name, fn=fn, critic=critic, level=level, whitens=bool(whitens))
+    return fn
+
+  return register
+
+
+def unregister_estimator(name: str) -> EstimatorSpec:
+  """Removes a registered estimator (tests register toy ones) and returns its spec."""
+  return ESTIMATORS.pop(estimator_spec(name).name)
+
+
+def estimator_spec(name: str) -> EstimatorSpec:
+  """The registered spec of `name`; ValueError `estimator: ...` naming the allowed names."""
+  check_choice(name, "estimator", tuple(ESTIMATORS), hint=" (Dr.GRPO is 'grpo' with normalize_std=False)")
+  return ESTIMATORS[name]
+
+
+def get_estimator(name: str) -> EstimatorFn:
+  """The registered estimator `fn(config, batch, position_values) -> (advantages, returns)`."""
+  return estimator_spec(name).fn
+
+
+def critic_level(name: str) -> str | None:
+  """Where the estimator reads the value head: "step", "token", or None for critic-free estimators."""
+  return estimator_spec(name).critic
 
 
 @dataclasses.dataclass(frozen=True)
@@ -553,11 +442,12 @@ class CreditConfig:
   estimator: a name in ESTIMATORS. gamma, lam: in [0, 1] (gamma discounts steps for step-level estimators,
     action tokens for token-level ones). whiten: "step" whitens per-step advantages over valid steps (a long
     step counts as much as a short one) then broadcasts; "token" whitens per-token advantages over action
-    tokens; None leaves them. "step" needs a step-level estimator (not token_gae / reinforce_pp /
-    reinforce_pp_baseline). Whitening applies to every estimator: set whiten=None to keep GRPO / RLOO / GiGPO
-    advantages exactly as their group normalisation leaves them.
+    tokens; None leaves them. "step" needs a step-level estimator (not token_gae). Estimators that whiten
+    themselves (reinforce_pp, reinforce_pp_baseline) need None. Whitening applies to every other estimator: set
+    whiten=None to keep GRPO / RLOO / GiGPO advantages exactly as their group normalisation leaves them.
   normalize_std: GRPO divides by the group std (False = Dr.GRPO). gigpo_omega, gigpo_mode: GiGPO's step weight
-    and normalisation. group_eps: eps of group normalisations; whiten_eps: eps of whitening.
+    and normalisation. group_eps: eps of group normalisations; whiten_eps: eps of whitening (also of the
+    estimators that whiten themselves).
   gae_method / gae_unroll: implementation of the GAE recursion ("scan" | "associative").
   """
 
@@ -575,16 +465,19 @@ class CreditConfig:
   gae_unroll: int = DEFAULT_GAE_UNROLL
 
   def __post_init__(self):
-    _check_estimator(self.estimator)
-    _check_choice(self.whiten, "whiten", WHITEN_MODES)
-    _check_choice(self.gigpo_mode, "gigpo_mode", GIGPO_MODES)
-    _check_choice(self.gae_method, "gae_method", GAE_METHODS)
-    _check_positive_int(self.gae_unroll, "gae_unroll")
+    spec = estimator_spec(self.estimator)
+    check_choice(self.whiten, "whiten", WHITEN_MODES)
+    check_choice(self.gigpo_mode, "gigpo_mode", GIGPO_MODES)
+    check_choice(self.gae_method, "gae_method", GAE_METHODS)
+    check_int(self.gae_unroll, "gae_unroll", minimum=1)
     _check_rate(self.gamma, "gamma")
     _check_rate(self.lam, "lam")
-    if self.whiten == "step" and self.estimator in _TOKEN_LEVEL:
-      _fail("whiten", f"'step' needs per-step advantages but {self.estimator!r} gives per-token ones; use 'token' "
-            "or None")
+    if spec.whitens and self.whiten is not None:
+      fail("whiten", f"{self.estimator!r} already whitens its advantages over action tokens; use None (whitening "
+           "twice would only rescale by ~1 and hide the double counting)")
+    if self.whiten == "step" and spec.level == "token":
+      fail("whiten", f"'step' needs per-step advantages but {self.estimator!r} gives per-token ones; use 'token' "
+           "or None")
 
 
 @struct.dataclass
@@ -592,21 +485,19 @@ class Credit:
   """What an estimator hands the losses.
 
   token_advantages: [B, L] per action token (0 elsewhere): what the policy loss consumes.
-  step_advantages: [B, S] per valid step (0 elsewhere); for token-level estimators the mean over the step's tokens.
+  step_advantages: [B, S] per valid step (0 elsewhere); for token-level estimators (and token whitening) the mean
+    over the step's tokens. The learner reads it for per-step-index advantage statistics.
   returns: value targets before whitening: [B, S] for a step critic, [B, L] for a token critic, None without one.
-  critic: "step" | "token" | None, the level the value head is read at (static).
   """
 
   token_advantages: Array
   step_advantages: Array
   returns: Array | None = None
-  critic: str | None = struct.field(pytree_node=False, default=None)
 
 
-class _Estimate(NamedTuple):
-  per_step: Array | None  # [B, S] for step-level estimators
-  per_token: Array | None  # [B, L] for token-level estimators
-  returns: Array | None
+# ------------------------------------------------------------------------------------------------------
+# The registered estimators: adding one is one decorated function here.
+# ------------------------------------------------------------------------------------------------------
 
 
 def _episode_valid(batch: EpisodeBatch):
@@ -618,80 +509,52 @@ def _per_step(batch: EpisodeBatch, per_episode):
   return jnp.where(batch.step_mask, per_episode[:, None], 0.0)
 
 
-def _step_gae_estimator(config: CreditConfig, batch: EpisodeBatch, position_values) -> _Estimate:
-  advantages, returns = step_gae(
-      batch.step_rewards, batch.step_values(position_values), batch.step_mask, gamma=config.gamma, lam=config.lam,
-      bootstrap_values=batch.bootstrap_values(position_values), truncated=batch.truncated,
-      truncation_as_terminal=config.truncation_as_terminal, method=config.gae_method, unroll=config.gae_unroll)
-  return _Estimate(per_step=advantages, per_token=None, returns=returns)
+def _gae_options(config: CreditConfig, batch: EpisodeBatch, position_values) -> dict:
+  return dict(gamma=config.gamma, lam=config.lam, bootstrap_values=batch.bootstrap_values(position_values),
+              truncated=batch.truncated, truncation_as_terminal=config.truncation_as_terminal,
+              method=config.gae_method, unroll=config.gae_unroll)
 
 
-def _token_gae_estimator(config: CreditConfig, batch: EpisodeBatch, position_values) -> _Estimate:
-  advantages, returns = token_gae(
-      batch.token_rewards(), batch.token_values(position_values), batch.action_mask, gamma=config.gamma,
-      lam=config.lam, bootstrap_values=batch.bootstrap_values(position_values), truncated=batch.truncated,
-      truncation_as_terminal=config.truncation_as_terminal, method=config.gae_method, unroll=config.gae_unroll)
-  return _Estimate(per_step=None, per_token=advantages, returns=returns)
+@register_estimator("step_gae", critic="step", level="step")
+def _step_gae_estimator(config: CreditConfig, batch: EpisodeBatch, position_values):
+  return step_gae(batch.step_rewards, batch.step_values(position_values), batch.step_mask,
+                  **_gae_options(config, batch, position_values))
 
 
-def _grpo_estimator(config: CreditConfig, batch: EpisodeBatch, position_values) -> _Estimate:
-  del position_values
-  advantages = grpo(batch.episode_returns(), batch.group_id, _episode_valid(batch),
-                    normalize_std=config.normalize_std, eps=config.group_eps)
-  return _Estimate(per_step=_per_step(batch, advantages), per_token=None, returns=None)
+@register_estimator("token_gae", critic="token", level="token")
+def _token_gae_estimator(config: CreditConfig, batch: EpisodeBatch, position_values):
+  return token_gae(batch.token_rewards(), batch.token_values(position_values), batch.action_mask,
+                   **_gae_options(config, batch, position_values))
 
 
-def _rloo_estimator(config: CreditConfig, batch: EpisodeBatch, position_values) -> _Estimate:
-  del config, position_values
-  advantages = rloo(batch.episode_returns(), batch.group_id, _episode_valid(batch))
-  return _Estimate(per_step=_per_step(batch, advantages), per_token=None, returns=None)
+@register_estimator("grpo", critic=None, level="step")
+def _grpo_estimator(config: CreditConfig, batch: EpisodeBatch, position_values):
+  return _per_step(batch, grpo(batch.episode_returns(), batch.group_id, _episode_valid(batch),
+                              normalize_std=config.normalize_std, eps=config.group_eps)), None
 
 
-def _reinforce_pp_estimator(config: CreditConfig, batch: EpisodeBatch, position_values) -> _Estimate:
-  del position_values
-  advantages = reinforce_pp(batch.token_rewards(), batch.action_mask, gamma=config.gamma, eps=config.whiten_eps,
-                            method=config.gae_method)
-  return _Estimate(per_step=None, per_token=advantages, returns=None)
+@register_estimator("rloo", critic=None, level="step")
+def _rloo_estimator(config: CreditConfig, batch: EpisodeBatch, position_values):
+  return _per_step(batch, rloo(batch.episode_returns(), batch.group_id, _episode_valid(batch))), None
 
 
-def _reinforce_pp_baseline_estimator(config: CreditConfig, batch: EpisodeBatch, position_values) -> _Estimate:
-  del position_values
-  advantages = reinforce_pp_baseline(batch.episode_returns(), batch.group_id, batch.action_mask,
-                                     _episode_valid(batch), eps=config.whiten_eps)
-  return _Estimate(per_step=None, per_token=advantages, returns=None)
+@register_estimator("reinforce_pp", critic=None, level="token", whitens=True)
+def _reinforce_pp_estimator(config: CreditConfig, batch: EpisodeBatch, position_values):
+  return reinforce_pp(batch.token_rewards(), batch.action_mask, gamma=config.gamma, eps=config.whiten_eps,
+                      method=config.gae_method), None
 
 
-def _gigpo_estimator(config: CreditConfig, batch: EpisodeBatch, position_values) -> _Estimate:
-  del position_values
+@register_estimator("reinforce_pp_baseline", critic=None, level="token", whitens=True)
+def _reinforce_pp_baseline_estimator(config: CreditConfig, batch: EpisodeBatch, position_values):
+  return reinforce_pp_baseline(batch.episode_returns(), batch.group_id, batch.action_mask, _episode_valid(batch),
+                               eps=config.whiten_eps), None
+
+
+@register_estimator("gigpo", critic=None, level="step")
+def _gigpo_estimator(config: CreditConfig, batch: EpisodeBatch, position_values):
   anchors, _ = anchor_state_ids(batch.tokens, batch.step_start, batch.step_len, batch.step_mask, batch.group_id)
-  advantages = gigpo(batch.episode_returns(), batch.step_rewards, batch.step_mask, batch.group_id, anchors,
-                     gamma=config.gamma, omega=config.gigpo_omega, mode=config.gigpo_mode, eps=config.group_eps)
-  return _Estimate(per_step=advantages, per_token=None, returns=None)
-
-
-ESTIMATORS: dict[str, Callable[[CreditConfig, EpisodeBatch, Array], _Estimate]] = {
-    "step_gae": _step_gae_estimator,
-    "token_gae": _token_gae_estimator,
-    "grpo": _grpo_estimator,
-    "rloo": _rloo_estimator,
-    "reinforce_pp": _reinforce_pp_estimator,
-    "reinforce_pp_baseline": _reinforce_pp_baseline_estimator,
-    "gigpo": _gigpo_estimator,
-}
-_CRITIC_LEVEL = {"step_gae": "step", "token_gae": "token"}
-_TOKEN_LEVEL = ("token_gae", "reinforce_pp", "reinforce_pp_baseline")  # estimators that produce per-token advantages
-
-
-def get_estimator(name: str) -> Callable[[CreditConfig, EpisodeBatch, Array], _Estimate]:
-  """The registered estimator `fn(config, batch, position_values)`; ValueError naming the allowed names."""
-  _check_estimator(name)
-  return ESTIMATORS[name]
-
-
-def critic_level(name: str) -> str | None:
-  """Where the estimator reads the value head: "step", "token", or None for critic-free estimators."""
-  _check_estimator(name)
-  return _CRITIC_LEVEL.get(name)
+  return gigpo(batch.episode_returns(), batch.step_rewards, batch.step_mask, batch.group_id, anchors,
+               gamma=config.gamma, omega=config.gigpo_omega, mode=config.gigpo_mode, eps=config.group_eps), None
 
 
 def compute_advantages(config: CreditConfig, batch: EpisodeBatch, position_values=None) -> Credit:
@@ -700,30 +563,38 @@ def compute_advantages(config: CreditConfig, batch: EpisodeBatch, position_value
   Args:
     config: a CreditConfig (hashable: pass it as a static argument of jax.jit).
     batch: an EpisodeBatch [B, L] with S step slots.
-    position_values: [B, L] float, a value head's output at every position; required by step_gae / token_gae,
-      ignored by critic-free estimators.
+    position_values: [B, L] float, a value head's output at every position; required by estimators that read a
+      critic (step_gae, token_gae), ignored by critic-free ones.
   """
   if not isinstance(config, CreditConfig):
-    _fail("config", f"expected a CreditConfig, got {type(config).__name__}")
+    fail("config", f"expected a CreditConfig, got {type(config).__name__}")
   batch.validate()
-  critic = critic_level(config.estimator)
-  if critic is not None:
-    if position_values is None:
-      _fail("position_values", f"{config.estimator!r} needs a critic: pass the value head's [B, L] output")
-    position_values = _as_array(position_values, "position_values", "float", batch.tokens.shape, "batch.tokens")
-  estimate = get_estimator(config.estimator)(config, batch, position_values)
-  num_steps = batch.max_steps
-  if estimate.per_token is None:
-    per_step = estimate.per_step
-    if config.whiten == "step":
-      per_step = masked_whiten(per_step, batch.step_mask, eps=config.whiten_eps)
+  spec = estimator_spec(config.estimator)
+  if spec.critic is not None and position_values is None:
+    fail("position_values", f"{config.estimator!r} needs a critic: pass the value head's [B, L] output")
+  if spec.critic is not None:
+    position_values = _as_array(position_values, "position_values", "float", shape=batch.tokens.shape,
+                                like="batch.tokens")
+  advantages, returns = spec.fn(config, batch, position_values)
+  _check_estimate(spec, batch, advantages, returns)
+  whiten = functools.partial(masked_whiten, eps=config.whiten_eps)
+  if spec.level == "step":
+    per_step = whiten(advantages, batch.step_mask) if config.whiten == "step" else advantages
     per_token = broadcast_to_tokens(per_step, batch.step_ids)
-    if config.whiten == "token":
-      per_token = masked_whiten(per_token, batch.action_mask, eps=config.whiten_eps)
-      per_step = jnp.where(batch.step_mask, _mean_per_step(per_token, batch.step_ids, num_steps), 0.0)
+    if config.whiten != "token":
+      return Credit(token_advantages=per_token, step_advantages=per_step, returns=returns)
   else:
-    per_token = estimate.per_token
-    if config.whiten == "token":
-      per_token = masked_whiten(per_token, batch.action_mask, eps=config.whiten_eps)
-    per_step = jnp.where(batch.step_mask, _mean_per_step(per_token, batch.step_ids, num_steps), 0.0)
-  return Credit(token_advantages=per_token, step_advantages=per_step, returns=estimate.returns, critic=critic)
+    per_token = advantages
+  if config.whiten == "token":
+    per_token = whiten(per_token, batch.action_mask)
+  per_step = mean_per_step(per_token, batch.step_ids, batch.step_mask)
+  return Credit(token_advantages=per_token, step_advantages=per_step, returns=returns)
+
+
+def _check_estimate(spec: EstimatorSpec, batch: EpisodeBatch, advantages, returns) -> None:
+  """An estimator returns what its spec declares (a toy estimator's slip is one line here, not a broadcast far off)."""
+  shapes = {"step": batch.step_mask.shape, "token": batch.tokens.shape}
+  check_array(advantages, "estimator", "float", shape=shapes[spec.level],
+              like=f"{spec.name!r}'s {spec.level}-level advantages")
+  if spec.critic is not None:
+    check_array(returns, "estimator", "float", shape=shapes[spec.critic], like=f"{spec.name!r}'s value targets")

@@ -2,7 +2,8 @@
 
 Shapes (B episodes, L tokens, S step slots; see `stepjax.types.EpisodeBatch`):
 
-    logp, old_logp   [B, L] float  current / behaviour log-prob of each token (aligned to the token it scores)
+    logp, old_logp   [B, L] float  log-prob of each token under the current / the acting policy, untempered
+                                   (`EpisodeBatch.logprobs`; aligned to the token it scores)
     advantages       [B, L] float  per-token advantages (a step estimator broadcasts A_t to the step's tokens)
     action_mask      [B, L] bool   True on tokens the model generated
     step_ids         [B, L] int    step index of each action token, -1 elsewhere
@@ -10,11 +11,12 @@ Shapes (B episodes, L tokens, S step slots; see `stepjax.types.EpisodeBatch`):
 
 Values off action tokens are ignored (masked before any arithmetic, so garbage there cannot leak NaN into grads).
 
-Three policy losses share one clipped surrogate, and differ only in the *ratio unit*:
+Three policy losses share one clipped surrogate, and differ only in the *ratio unit* (`RATIO_UNITS`):
 
-    ppo         one ratio per token          r = exp(logp - old_logp)
-    gspo        one ratio per step           s = exp(mean over the step's tokens of (logp - old_logp))
-    step_ratio  one ratio per step (exact)   s = exp(sum  over the step's tokens of (logp - old_logp))
+    loss        ratio unit  one ratio per ...      the ratio
+    ppo         token       action token           r = exp(logp - old_logp)
+    gspo        step-mean   step                   s = exp(mean over the step's tokens of (logp - old_logp))
+    step_ratio  step-sum    step (the exact one)   s = exp(sum  over the step's tokens of (logp - old_logp))
 
 A step unit's advantage is the mean of its tokens' advantages; its loss is broadcast back to its tokens, and the
 token losses are reduced by one of `AGG_MODES` (see `aggregate`). Every loss returns `(scalar, metrics)` with
@@ -37,6 +39,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from stepjax.checks import check_array, check_choice, check_hyper, fail
+# masked_mean lives in segments; it stays importable from here.
+from stepjax.segments import STEP_REDUCTIONS, StepSegments, compute_dtype, explained_variance, masked_mean, safe_div
 from stepjax.types import Array, EpisodeBatch
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "step-mean")
@@ -48,128 +53,31 @@ DEFAULT_LOG_RATIO_CLAMP = 20.0  # veRL clamps the log-ratio to +-20 before exp, 
 LOW_VAR_KL_CLAMP = 10.0  # veRL clamps the k3 estimate to +-10
 
 KL_KINDS = ("k1", "kl", "abs", "k2", "mse", "k3", "low_var_kl")
+RATIO_UNITS = {"ppo": "token", "gspo": "step-mean", "step_ratio": "step-sum"}  # step-X: X of the token log-ratios
 
 
 # ------------------------------------------------------------------------------------------------------
 # Validation (trace time; one line naming the argument).
 # ------------------------------------------------------------------------------------------------------
 
-_KIND_TEST = {"float": jnp.floating, "int": jnp.integer, "bool": jnp.bool_}
-
-
-def _fail(arg: str, message: str):
-  raise ValueError(f"{arg}: {message}")
-
-
-def _check_array(x, arg: str, shape: tuple[int, ...] | None, kind: str, like: str = "") -> None:
-  """x must be an array of `shape` (None: any) whose dtype is of `kind` ("float", "int", "bool")."""
-  if not (hasattr(x, "shape") and hasattr(x, "dtype")):
-    _fail(arg, f"expected an array, got {type(x).__name__}")
-  if shape is not None and tuple(x.shape) != tuple(shape):
-    _fail(arg, f"expected shape {tuple(shape)}{like}, got {tuple(x.shape)}")
-  if not jnp.issubdtype(x.dtype, _KIND_TEST[kind]):
-    _fail(arg, f"expected a {kind} dtype, got {jnp.dtype(x.dtype).name}")
-
-
-def _check_rank(x, arg: str, rank: int, dims: str) -> None:
-  if not hasattr(x, "ndim"):
-    _fail(arg, f"expected a rank-{rank} {dims} array, got {type(x).__name__}")
-  if x.ndim != rank:
-    _fail(arg, f"expected a rank-{rank} {dims} array, got shape {tuple(x.shape)}")
-
-
-def _check_hyper(value, arg: str, ok: Callable[[np.ndarray], np.ndarray], allowed: str) -> None:
-  """Range-checks a hyperparameter when it is concrete; traced values (a vmapped sweep) pass through."""
-  if value is None or isinstance(value, jax.core.Tracer):
-    return
-  if not bool(np.all(ok(np.asarray(value, dtype=np.float64)))):
-    _fail(arg, f"must be {allowed}, got {value}")
-
-
-def _check_choice(value, arg: str, allowed: tuple[str, ...]) -> None:
-  if not isinstance(value, str) or value not in allowed:
-    _fail(arg, f"unknown {value!r}; allowed: {', '.join(allowed)}")
-
 
 def _check_token_masks(action_mask, step_ids, step_mask, shape: tuple[int, int], need_steps: bool, like: str) -> None:
-  _check_array(action_mask, "action_mask", shape, "bool", like)
+  check_array(action_mask, "action_mask", "bool", shape=shape, like=like)
   if need_steps or step_ids is not None:
     if step_ids is None:
-      _fail("step_ids", "required by agg_mode 'step-mean'")
-    _check_array(step_ids, "step_ids", shape, "int", " like action_mask [B, L]")
+      fail("step_ids", "required by agg_mode 'step-mean'")
+    check_array(step_ids, "step_ids", "int", shape=shape, like="action_mask [B, L]")
   if need_steps or step_mask is not None:
     if step_mask is None:
-      _fail("step_mask", "required by agg_mode 'step-mean'")
-    _check_rank(step_mask, "step_mask", 2, "[B, S]")
-    _check_array(step_mask, "step_mask", (shape[0], step_mask.shape[1]), "bool", f" with B = {shape[0]}")
-
-
-def _compute_dtype(*xs):
-  """Float32 at least (bf16 inputs are summed in float32); float64 when x64 is on and an input is float64."""
-  return jnp.result_type(*[x.dtype for x in xs], jnp.float32)
+      fail("step_mask", "required by agg_mode 'step-mean'")
+    check_array(step_mask, "step_mask", "bool", rank=2, dims="[B, S]")
+    if step_mask.shape[0] != shape[0]:
+      fail("step_mask", f"expected shape ({shape[0]}, S) (B of action_mask), got {tuple(step_mask.shape)}")
 
 
 # ------------------------------------------------------------------------------------------------------
-# Step segments and aggregation.
+# Aggregation.
 # ------------------------------------------------------------------------------------------------------
-
-
-def _in_step(action_mask: Array, step_ids: Array, num_steps: int) -> Array:
-  """[B, L] bool: action tokens that belong to a step slot."""
-  return action_mask & (step_ids >= 0) & (step_ids < num_steps)
-
-
-def _step_sum(x: Array, in_step: Array, step_ids: Array, num_steps: int) -> Array:
-  """x [B, L] -> [B, S]: the sum of x over each step's tokens (a scatter-add: O(B L) memory, not O(B L S))."""
-  rows = jnp.arange(x.shape[0])[:, None]
-  slot = jnp.where(in_step, step_ids, num_steps)  # out of range -> dropped
-  return jnp.zeros((x.shape[0], num_steps), x.dtype).at[rows, slot].add(jnp.where(in_step, x, 0), mode="drop")
-
-
-def _broadcast_steps(x_steps: Array, in_step: Array, step_ids: Array) -> Array:
-  """x_steps [B, S] -> [B, L]: each step's value on its tokens, 0 elsewhere. Its VJP is `_step_sum`."""
-  picked = jnp.take_along_axis(x_steps, jnp.clip(step_ids, 0, x_steps.shape[1] - 1), axis=1)
-  return jnp.where(in_step, picked, 0)
-
-
-def _safe_div(num: Array, den: Array) -> Array:
-  return num / jnp.maximum(den, 1)
-
-
-def masked_mean(x: Array, mask: Array, empty=0.0) -> Array:
-  """Mean of x where mask; `empty` when the mask is empty (never NaN)."""
-  x = jnp.asarray(x, jnp.float32)
-  count = jnp.sum(mask)
-  return jnp.where(count > 0, _safe_div(jnp.sum(jnp.where(mask, x, 0)), count), empty).astype(jnp.float32)
-
-
-@struct.dataclass
-class _StepSegments:
-  """Which tokens belong to which valid step, computed once per loss."""
-
-  in_step: Array  # [B, L] bool
-  step_ids: Array  # [B, L] int
-  count: Array  # [B, S] float: action tokens per step
-  valid: Array  # [B, S] bool: step_mask and >= 1 token
-
-  @classmethod
-  def make(cls, action_mask, step_ids, step_mask, dtype) -> "_StepSegments":
-    num_steps = step_mask.shape[1]
-    in_step = _in_step(action_mask, step_ids, num_steps)
-    count = _step_sum(in_step.astype(dtype), in_step, step_ids, num_steps)
-    return cls(in_step=in_step, step_ids=step_ids, count=count, valid=step_mask & (count > 0))
-
-  def sum(self, x: Array) -> Array:
-    return jnp.where(self.valid, _step_sum(x, self.in_step, self.step_ids, self.count.shape[1]), 0)
-
-  def mean(self, x: Array) -> Array:
-    return _safe_div(self.sum(x), self.count)
-
-  def log_ratios(self, token_log_ratio: Array, reduce: str) -> Array:
-    return self.mean(token_log_ratio) if reduce == "mean" else self.sum(token_log_ratio)
-
-  def broadcast(self, x_steps: Array) -> Array:
-    return _broadcast_steps(x_steps, self.in_step, self.step_ids)
 
 
 def aggregate(loss_tokens: Array, action_mask: Array, step_ids: Array | None = None, step_mask: Array | None = None,
@@ -183,23 +91,22 @@ def aggregate(loss_tokens: Array, action_mask: Array, step_ids: Array | None = N
                          reference's seq-mean-token-mean on one-row-per-step data). Needs step_ids [B, L] and
                          step_mask [B, S]; a step counts when step_mask is True and it has >= 1 action token.
   """
-  _check_choice(mode, "mode", AGG_MODES)
-  _check_rank(loss_tokens, "loss_tokens", 2, "[B, L]")
-  _check_array(loss_tokens, "loss_tokens", None, "float")
+  check_choice(mode, "mode", AGG_MODES)
+  check_array(loss_tokens, "loss_tokens", "float", rank=2, dims="[B, L]")
   _check_token_masks(action_mask, step_ids, step_mask, loss_tokens.shape, need_steps=mode == "step-mean",
-                     like=" like loss_tokens [B, L]")
-  dtype = _compute_dtype(loss_tokens)
+                     like="loss_tokens [B, L]")
+  dtype = compute_dtype(loss_tokens)
   x = jnp.where(action_mask, loss_tokens.astype(dtype), 0)
   count = action_mask.astype(dtype)
   if mode == "token-mean":
-    return _safe_div(jnp.sum(x), jnp.sum(count))
+    return safe_div(jnp.sum(x), jnp.sum(count))
   if mode == "step-mean":
-    segments = _StepSegments.make(action_mask, step_ids, step_mask, dtype)
-    return _safe_div(jnp.sum(segments.mean(x)), jnp.sum(segments.valid).astype(dtype))
+    segments = StepSegments.make(action_mask, step_ids, step_mask, dtype)
+    return safe_div(jnp.sum(segments.mean(x)), jnp.sum(segments.valid).astype(dtype))
   row_sum, row_count = jnp.sum(x, axis=1), jnp.sum(count, axis=1)
-  per_row = _safe_div(row_sum, row_count) if mode == "seq-mean-token-mean" else row_sum
+  per_row = safe_div(row_sum, row_count) if mode == "seq-mean-token-mean" else row_sum
   has_tokens = row_count > 0
-  return _safe_div(jnp.sum(jnp.where(has_tokens, per_row, 0)), jnp.sum(has_tokens).astype(dtype))
+  return safe_div(jnp.sum(jnp.where(has_tokens, per_row, 0)), jnp.sum(has_tokens).astype(dtype))
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -208,20 +115,23 @@ def aggregate(loss_tokens: Array, action_mask: Array, step_ids: Array | None = N
 
 
 def _check_policy_inputs(logp, old_logp, advantages, action_mask, step_ids, step_mask) -> None:
-  _check_rank(logp, "logp", 2, "[B, L]")
-  _check_array(logp, "logp", None, "float")
+  check_array(logp, "logp", "float", rank=2, dims="[B, L]")
   shape = tuple(logp.shape)
-  _check_array(old_logp, "old_logp", shape, "float", " like logp [B, L]")
-  _check_array(advantages, "advantages", shape, "float", " like logp [B, L]")
-  _check_token_masks(action_mask, step_ids, step_mask, shape, need_steps=True, like=" like logp [B, L]")
+  check_array(old_logp, "old_logp", "float", shape=shape, like="logp [B, L]")
+  check_array(advantages, "advantages", "float", shape=shape, like="logp [B, L]")
+  _check_token_masks(action_mask, step_ids, step_mask, shape, need_steps=True, like="logp [B, L]")
+
+
+def _is_float_array(x) -> bool:
+  return isinstance(x, np.ndarray) and x.dtype.kind == "f"
 
 
 def _check_clip_args(clip_low, clip_high, dual_clip, log_ratio_clamp) -> None:
-  _check_hyper(clip_low, "clip_low", lambda v: (v >= 0) & (v < 1), "in [0, 1) (the ratio's lower bound 1 - clip_low "
+  check_hyper(clip_low, "clip_low", lambda v: (v >= 0) & (v < 1), "in [0, 1) (the ratio's lower bound 1 - clip_low "
                "must stay positive)")
-  _check_hyper(clip_high, "clip_high", lambda v: v >= 0, ">= 0")
-  _check_hyper(dual_clip, "dual_clip", lambda v: v > 1, "> 1 (or None to disable dual clipping)")
-  _check_hyper(log_ratio_clamp, "log_ratio_clamp", lambda v: v > 0, "> 0")
+  check_hyper(clip_high, "clip_high", lambda v: v >= 0, ">= 0")
+  check_hyper(dual_clip, "dual_clip", lambda v: v > 1, "> 1 (or None to disable dual clipping)")
+  check_hyper(log_ratio_clamp, "log_ratio_clamp", lambda v: v > 0, "> 0")
 
 
 def step_log_ratios(logp: Array, old_logp: Array, action_mask: Array, step_ids: Array, step_mask: Array, *,
@@ -231,10 +141,10 @@ def step_log_ratios(logp: Array, old_logp: Array, action_mask: Array, step_ids: 
   reduce="mean": mean of (logp - old_logp), GSPO's length-normalised ratio (the geometric mean of token ratios).
   reduce="sum":  sum of (logp - old_logp), the exact ratio of the step-level MDP (the product of token ratios).
   """
-  _check_choice(reduce, "reduce", ("mean", "sum"))
+  check_choice(reduce, "reduce", STEP_REDUCTIONS)
   _check_policy_inputs(logp, old_logp, old_logp, action_mask, step_ids, step_mask)
-  dtype = _compute_dtype(logp, old_logp)
-  segments = _StepSegments.make(action_mask, step_ids, step_mask, dtype)
+  dtype = compute_dtype(logp, old_logp)
+  segments = StepSegments.make(action_mask, step_ids, step_mask, dtype)
   return segments.log_ratios(logp.astype(dtype) - old_logp.astype(dtype), reduce)
 
 
@@ -257,10 +167,11 @@ def _clipped_surrogate(ratio, adv, clip_low, clip_high, dual_clip):
 
 def _policy_loss(ratio_unit, logp, old_logp, advantages, action_mask, step_ids, step_mask, *, clip_low, clip_high,
                  dual_clip, agg_mode, log_ratio_clamp):
+  """The clipped surrogate over `ratio_unit` units: "token", "step-mean" or "step-sum" (see `RATIO_UNITS`)."""
   _check_policy_inputs(logp, old_logp, advantages, action_mask, step_ids, step_mask)
-  _check_choice(agg_mode, "agg_mode", AGG_MODES)
+  check_choice(agg_mode, "agg_mode", AGG_MODES)
   _check_clip_args(clip_low, clip_high, dual_clip, log_ratio_clamp)
-  dtype = _compute_dtype(logp, old_logp, advantages)
+  dtype = compute_dtype(logp, old_logp, advantages)
   logp = jnp.where(action_mask, logp.astype(dtype), 0)
   old_logp = jnp.where(action_mask, old_logp.astype(dtype), 0)
   advantages = jnp.where(action_mask, advantages.astype(dtype), 0)
@@ -268,9 +179,9 @@ def _policy_loss(ratio_unit, logp, old_logp, advantages, action_mask, step_ids, 
   if ratio_unit == "token":
     unit_mask, log_ratio, unit_adv = action_mask, logp - old_logp, advantages
   else:
-    segments = _StepSegments.make(action_mask, step_ids, step_mask, dtype)
+    segments = StepSegments.make(action_mask, step_ids, step_mask, dtype)
     unit_mask = segments.valid
-    log_ratio = segments.log_ratios(logp - old_logp, ratio_unit)
+    log_ratio = segments.log_ratios(logp - old_logp, reduce=ratio_unit.removeprefix("step-"))
     unit_adv = segments.mean(advantages)
 
   log_ratio = jnp.clip(log_ratio, -log_ratio_clamp, log_ratio_clamp)
@@ -307,8 +218,9 @@ def ppo_loss(logp: Array, old_logp: Array, advantages: Array, action_mask: Array
   dual_clip c > 1 caps the loss of negative-advantage tokens at -c A. The token log-ratio is clamped to
   +-log_ratio_clamp before exp, as in the reference. Ratio metrics are over action tokens. Returns (loss [], metrics).
   """
-  return _policy_loss("token", logp, old_logp, advantages, action_mask, step_ids, step_mask, clip_low=clip_low,
-                      clip_high=clip_high, dual_clip=dual_clip, agg_mode=agg_mode, log_ratio_clamp=log_ratio_clamp)
+  return _policy_loss(RATIO_UNITS["ppo"], logp, old_logp, advantages, action_mask, step_ids, step_mask,
+                      clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, agg_mode=agg_mode,
+                      log_ratio_clamp=log_ratio_clamp)
 
 
 def gspo_loss(logp: Array, old_logp: Array, advantages: Array, action_mask: Array, step_ids: Array, step_mask: Array,
@@ -319,8 +231,9 @@ def gspo_loss(logp: Array, old_logp: Array, advantages: Array, action_mask: Arra
   The step's advantage is the mean of its token advantages; the per-step loss -min(s A, clip(s) A) is broadcast to
   the step's tokens and aggregated by agg_mode. Shapes as in `ppo_loss`; ratio metrics are over valid steps.
   """
-  return _policy_loss("mean", logp, old_logp, advantages, action_mask, step_ids, step_mask, clip_low=clip_low,
-                      clip_high=clip_high, dual_clip=dual_clip, agg_mode=agg_mode, log_ratio_clamp=log_ratio_clamp)
+  return _policy_loss(RATIO_UNITS["gspo"], logp, old_logp, advantages, action_mask, step_ids, step_mask,
+                      clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, agg_mode=agg_mode,
+                      log_ratio_clamp=log_ratio_clamp)
 
 
 def step_ratio_loss(logp: Array, old_logp: Array, advantages: Array, action_mask: Array, step_ids: Array,
@@ -331,15 +244,16 @@ def step_ratio_loss(logp: Array, old_logp: Array, advantages: Array, action_mask
   Clipped per step like PPO (a long step's product of token ratios drifts far faster than a mean, hence the clamp).
   Shapes as in `ppo_loss`; ratio metrics are over valid steps.
   """
-  return _policy_loss("sum", logp, old_logp, advantages, action_mask, step_ids, step_mask, clip_low=clip_low,
-                      clip_high=clip_high, dual_clip=dual_clip, agg_mode=agg_mode, log_ratio_clamp=log_ratio_clamp)
+  return _policy_loss(RATIO_UNITS["step_ratio"], logp, old_logp, advantages, action_mask, step_ids, step_mask,
+                      clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, agg_mode=agg_mode,
+                      log_ratio_clamp=log_ratio_clamp)
 
 
 POLICY_LOSSES = {"ppo": ppo_loss, "gspo": gspo_loss, "step_ratio": step_ratio_loss}
 
 
 def get_policy_loss(name: str) -> Callable[..., tuple[Array, dict[str, Array]]]:
-  _check_choice(name, "name", tuple(POLICY_LOSSES))
+  check_choice(name, "name", tuple(POLICY_LOSSES))
   return POLICY_LOSSES[name]
 
 
@@ -350,6 +264,9 @@ class PolicyLossConfig:
 
   clip_low / clip_high None take the loss's reference default (`DEFAULT_CLIP`): ppo 0.2 / 0.2, gspo 3e-4 / 4e-4,
   step_ratio 0.2 / 0.2. agg_mode defaults to token-mean, the reference's default `loss_agg_mode`.
+
+  Validated on construction (and by `replace`) as far as that is free: names always, numbers when they are host
+  floats (Python or numpy). Ints and device values are checked by `validate` (which `policy_loss` runs).
   """
 
   name: str = struct.field(pytree_node=False, default="gspo")
@@ -359,6 +276,12 @@ class PolicyLossConfig:
   agg_mode: str = struct.field(pytree_node=False, default="token-mean")
   log_ratio_clamp: float = DEFAULT_LOG_RATIO_CLAMP
 
+  def __post_init__(self):
+    # This also runs on every unflatten, whose leaves need not be hyperparameters: tracers (jit, vmap), placeholder
+    # objects (jax's tree utilities), ints (vmap axis specs shaped like the config), device arrays (reading one
+    # would block). So only host floats are range-checked here; `validate` checks every concrete value.
+    self._check(lambda x: x if isinstance(x, (float, np.floating)) or _is_float_array(x) else None)
+
   def clip_range(self) -> tuple:
     """(clip_low, clip_high) with None resolved to the loss's default."""
     default_low, default_high = DEFAULT_CLIP[self.name]
@@ -367,10 +290,14 @@ class PolicyLossConfig:
 
   def validate(self) -> "PolicyLossConfig":
     """Checks names and (concrete) ranges; raises ValueError naming the field. Returns self so it chains."""
-    _check_choice(self.name, "name", tuple(POLICY_LOSSES))
-    _check_choice(self.agg_mode, "agg_mode", AGG_MODES)
-    _check_clip_args(*self.clip_range(), self.dual_clip, self.log_ratio_clamp)
+    self._check(lambda x: x)
     return self
+
+  def _check(self, checkable: Callable) -> None:
+    """Names, then the numbers that `checkable` keeps (it maps the others to None, which passes)."""
+    check_choice(self.name, "name", tuple(POLICY_LOSSES))
+    check_choice(self.agg_mode, "agg_mode", AGG_MODES)
+    _check_clip_args(*map(checkable, (*self.clip_range(), self.dual_clip, self.log_ratio_clamp)))
 
 
 def policy_loss(config: PolicyLossConfig, logp: Array, old_logp: Array, advantages: Array, action_mask: Array,
@@ -398,16 +325,16 @@ def value_loss(pred: Array, returns: Array, mask: Array, *, old_values: Array | 
   old_values without clip_eps is ignored. Metrics: vf_clip_frac (where the clipped term is larger),
   explained_variance (1 - Var[R - pred] / Var[R] over the mask; 0 when Var[R] is ~0), value_mean, return_mean.
   """
-  _check_array(pred, "pred", None, "float")
-  _check_array(returns, "returns", pred.shape, "float", " like pred")
-  _check_array(mask, "mask", pred.shape, "bool", " like pred")
+  check_array(pred, "pred", "float")
+  check_array(returns, "returns", "float", shape=pred.shape, like="pred")
+  check_array(mask, "mask", "bool", shape=pred.shape, like="pred")
   if clip_eps is not None and old_values is None:
-    _fail("old_values", "required when clip_eps is set (value clipping is relative to the old values)")
-  _check_hyper(clip_eps, "clip_eps", lambda v: v >= 0, ">= 0 (or None to disable value clipping)")
+    fail("old_values", "required when clip_eps is set (value clipping is relative to the old values)")
+  check_hyper(clip_eps, "clip_eps", lambda v: v >= 0, ">= 0 (or None to disable value clipping)")
   use_clip = clip_eps is not None
   if use_clip:
-    _check_array(old_values, "old_values", pred.shape, "float", " like pred")
-  dtype = _compute_dtype(pred, returns, *([old_values] if use_clip else []))
+    check_array(old_values, "old_values", "float", shape=pred.shape, like="pred")
+  dtype = compute_dtype(pred, returns, *([old_values] if use_clip else []))
   pred = jnp.where(mask, pred.astype(dtype), 0)
   returns = jnp.where(mask, returns.astype(dtype), 0)
   squared = jnp.square(pred - returns)
@@ -419,19 +346,13 @@ def value_loss(pred: Array, returns: Array, mask: Array, *, old_values: Array | 
   else:
     clip_active = jnp.zeros(pred.shape, bool)
   count = jnp.sum(mask).astype(dtype)
-  loss = 0.5 * _safe_div(jnp.sum(jnp.where(mask, squared, 0)), count)
+  loss = 0.5 * safe_div(jnp.sum(jnp.where(mask, squared, 0)), count)
 
   pred, returns = jax.lax.stop_gradient(pred), jax.lax.stop_gradient(returns)
 
-  def masked_var(x):
-    mean = _safe_div(jnp.sum(x), count)  # x is already 0 off the mask
-    return _safe_div(jnp.sum(jnp.where(mask, jnp.square(x - mean), 0)), count)
-
-  var_returns = masked_var(returns)
-  explained = 1.0 - masked_var(returns - pred) / jnp.maximum(var_returns, 1e-8)
   metrics = {
       "vf_clip_frac": masked_mean(clip_active, mask),
-      "explained_variance": jnp.where(var_returns > 1e-8, explained, 0.0).astype(jnp.float32),
+      "explained_variance": explained_variance(pred, returns, mask),
       "value_mean": masked_mean(pred, mask),
       "return_mean": masked_mean(returns, mask),
   }
@@ -439,7 +360,7 @@ def value_loss(pred: Array, returns: Array, mask: Array, *, old_values: Array | 
 
 
 def _check_position_values(batch: EpisodeBatch, position_values) -> None:
-  _check_array(position_values, "position_values", batch.tokens.shape, "float", " like batch.tokens [B, L]")
+  check_array(position_values, "position_values", "float", shape=batch.tokens.shape, like="batch.tokens [B, L]")
 
 
 def step_value_loss(batch: EpisodeBatch, position_values: Array, returns: Array, *, old_values: Array | None = None,
@@ -450,7 +371,7 @@ def step_value_loss(batch: EpisodeBatch, position_values: Array, returns: Array,
   batch.step_mask.
   """
   _check_position_values(batch, position_values)
-  _check_array(returns, "returns", batch.step_mask.shape, "float", " like batch.step_mask [B, S]")
+  check_array(returns, "returns", "float", shape=batch.step_mask.shape, like="batch.step_mask [B, S]")
   return value_loss(batch.step_values(position_values), returns, batch.step_mask, old_values=old_values,
                     clip_eps=clip_eps)
 
@@ -463,7 +384,7 @@ def token_value_loss(batch: EpisodeBatch, position_values: Array, returns: Array
   batch.action_mask.
   """
   _check_position_values(batch, position_values)
-  _check_array(returns, "returns", batch.action_mask.shape, "float", " like batch.action_mask [B, L]")
+  check_array(returns, "returns", "float", shape=batch.action_mask.shape, like="batch.action_mask [B, L]")
   return value_loss(batch.token_values(position_values), returns, batch.action_mask, old_values=old_values,
                     clip_eps=clip_eps)
 
@@ -482,10 +403,10 @@ def kl_penalty(logp: Array, ref_logp: Array, kind: str = "low_var_kl") -> Array:
     k3 / low_var_kl   exp(ref - logp) - (ref - logp) - 1   (unbiased, >= 0; log-ratio clamped to +-20 and the
                                                             estimate to [-10, 10], as in the reference)
   """
-  _check_choice(kind, "kind", KL_KINDS)
-  _check_array(logp, "logp", None, "float")
-  _check_array(ref_logp, "ref_logp", logp.shape, "float", " like logp")
-  dtype = _compute_dtype(logp, ref_logp)
+  check_choice(kind, "kind", KL_KINDS)
+  check_array(logp, "logp", "float")
+  check_array(ref_logp, "ref_logp", "float", shape=logp.shape, like="logp")
+  dtype = compute_dtype(logp, ref_logp)
   diff = logp.astype(dtype) - ref_logp.astype(dtype)
   if kind in ("k1", "kl"):
     return diff
@@ -505,12 +426,11 @@ def kl_loss(logp: Array, ref_logp: Array, action_mask: Array, step_ids: Array | 
   Returns (loss [], {"kl": loss, "kl_max": largest per-token estimate}). Defaults are the reference's
   (kl_loss_type low_var_kl, token-mean).
   """
-  _check_choice(agg_mode, "agg_mode", AGG_MODES)
-  _check_choice(kind, "kind", KL_KINDS)
-  _check_rank(logp, "logp", 2, "[B, L]")
-  _check_array(logp, "logp", None, "float")
-  _check_array(ref_logp, "ref_logp", logp.shape, "float", " like logp [B, L]")
-  _check_array(action_mask, "action_mask", logp.shape, "bool", " like logp [B, L]")
+  check_choice(agg_mode, "agg_mode", AGG_MODES)
+  check_choice(kind, "kind", KL_KINDS)
+  check_array(logp, "logp", "float", rank=2, dims="[B, L]")
+  check_array(ref_logp, "ref_logp", "float", shape=logp.shape, like="logp [B, L]")
+  check_array(action_mask, "action_mask", "bool", shape=logp.shape, like="logp [B, L]")
   # Garbage off the mask must not reach the backward pass.
   logp, ref_logp = jnp.where(action_mask, logp, 0), jnp.where(action_mask, ref_logp, 0)
   kl_tokens = kl_penalty(logp, ref_logp, kind)
@@ -526,9 +446,9 @@ def kl_loss(logp: Array, ref_logp: Array, action_mask: Array, step_ids: Array | 
 
 
 def _check_vocab_logits(logits) -> None:
-  _check_array(logits, "logits", None, "float")
+  check_array(logits, "logits", "float")
   if logits.ndim < 1 or logits.shape[-1] < 1:
-    _fail("logits", f"expected a [..., V] array with V >= 1, got shape {tuple(logits.shape)}")
+    fail("logits", f"expected a [..., V] array with V >= 1, got shape {tuple(logits.shape)}")
 
 
 def _shift_by_max(z: Array) -> Array:
@@ -545,7 +465,7 @@ def entropy_from_logits(logits: Array) -> Array:
   with finite gradients.
   """
   _check_vocab_logits(logits)
-  z = _shift_by_max(logits.astype(_compute_dtype(logits)))
+  z = _shift_by_max(logits.astype(compute_dtype(logits)))
   lse = jax.nn.logsumexp(z, axis=-1)
   probs = jnp.exp(z - lse[..., None])
   finite_z = jnp.where(jnp.isfinite(z), z, 0)  # 0 * -inf would be NaN; those tokens have probability 0
@@ -558,8 +478,8 @@ def logprobs_from_logits(logits: Array, tokens: Array) -> Array:
   Token ids must lie in [0, V). See `shifted_logprobs` for the usual causal-LM alignment.
   """
   _check_vocab_logits(logits)
-  _check_array(tokens, "tokens", logits.shape[:-1], "int", " = logits.shape[:-1]")
-  z = _shift_by_max(logits.astype(_compute_dtype(logits)))
+  check_array(tokens, "tokens", "int", shape=logits.shape[:-1], like="logits without the vocabulary axis")
+  z = _shift_by_max(logits.astype(compute_dtype(logits)))
   picked = jnp.take_along_axis(z, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
   return picked - jax.nn.logsumexp(z, axis=-1)
 
@@ -570,8 +490,8 @@ def shifted_logprobs(logits: Array, tokens: Array) -> Array:
 
   This is the layout of `EpisodeBatch.logprobs` (each log-prob sits on the token it scores).
   """
-  _check_rank(logits, "logits", 3, "[B, L, V]")
-  _check_array(tokens, "tokens", logits.shape[:-1], "int", " = logits.shape[:2] [B, L]")
+  check_array(logits, "logits", rank=3, dims="[B, L, V]")
+  check_array(tokens, "tokens", "int", shape=logits.shape[:-1], like="logits without the vocabulary axis, [B, L]")
   # Score each position's *next* token, then move the result one step right (avoids slicing the [B, L, V] logits).
   next_tokens = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
   scores_next = logprobs_from_logits(logits, next_tokens)
@@ -581,5 +501,5 @@ def shifted_logprobs(logits: Array, tokens: Array) -> Array:
 def shifted_entropy(logits: Array) -> Array:
   """logits [B, L, V] -> [B, L]: the entropy of the distribution that chose token p sits at p (position 0 = 0),
   aligned with action_mask for an entropy bonus."""
-  _check_rank(logits, "logits", 3, "[B, L, V]")
+  check_array(logits, "logits", rank=3, dims="[B, L, V]")
   return jnp.pad(entropy_from_logits(logits)[:, :-1], ((0, 0), (1, 0)))

@@ -1,4 +1,5 @@
-"""Random but valid `EpisodeBatch`es for tests and benchmarks (numpy, host side)."""
+"""Random but valid `EpisodeBatch`es for tests and benchmarks (numpy, host side), and the plain-numpy references
+that several test files check the library against (loops over elements, float64, nothing shared with the library)."""
 
 from __future__ import annotations
 
@@ -62,3 +63,26 @@ def random_episode_batch(
       terminated=kind == 0, truncated=kind == 1,
       group_id=rng.integers(0, num_groups, b).astype(np.int32),
       bootstrap_pos=np.maximum(seq_len - 1, 0).astype(np.int32))
+
+
+def np_whiten(x, mask, shift_mean=True, eps=1e-8) -> np.ndarray:
+  """Reference masked whitening: (x - mean) / sqrt(var + eps) over the masked elements, var with Bessel's correction
+  (none for a single element), 0 off the mask and everywhere for an empty mask. Any shape, float64."""
+  picked = np.asarray(x, np.float64)[mask]
+  if picked.size == 0:
+    return np.zeros(np.shape(x))
+  mean = picked.mean()
+  var = picked.var(ddof=1) if picked.size > 1 else 0.0
+  out = (np.asarray(x, np.float64) - mean) / np.sqrt(var + eps)
+  if not shift_mean:
+    out = out + mean
+  return np.where(mask, out, 0.0)
+
+
+def np_groups(keys, valid) -> dict:
+  """Reference grouping: {key: [indices of the valid items with that key]}, in first-seen order."""
+  groups = {}
+  for i, (key, ok) in enumerate(zip(keys, valid)):
+    if ok:
+      groups.setdefault(key, []).append(i)
+  return groups

@@ -28,27 +28,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from stepjax.checks import check_array, is_concrete, require
+
 Array = Any
 
 
-def _is_concrete(*xs) -> bool:
-  return not any(isinstance(x, jax.core.Tracer) for x in xs)
-
-
-def _check(cond: bool, field: str, message: str) -> None:
-  if not cond:
-    raise ValueError(f"{field}: {message}")
-
-
-def _check_array(x, field: str, shape: tuple[int, ...], kinds: str) -> None:
-  """One clear line naming the field, the expected shape and the allowed dtype kinds (numpy kind codes)."""
-  _check(hasattr(x, "shape") and hasattr(x, "dtype"), field, f"expected an array, got {type(x).__name__}")
-  _check(tuple(x.shape) == tuple(shape), field, f"expected shape {tuple(shape)}, got {tuple(x.shape)}")
-  dtype = jnp.dtype(x.dtype)
-  kind = "f" if jnp.issubdtype(dtype, jnp.floating) else dtype.kind  # bfloat16's numpy kind is 'V'
-  names = {"b": "bool", "i": "signed int", "u": "unsigned int", "f": "float"}
-  allowed = " or ".join(names[k] for k in kinds)
-  _check(kind in kinds, field, f"expected dtype {allowed}, got {dtype.name}")
+def _check_fields(x, table) -> None:
+  """table: rows of (space-separated field names, dtype kind for `check_array`, shape), checked in order."""
+  for names, kind, shape in table:
+    for name in names.split():
+      check_array(getattr(x, name), name, kind, shape=shape)
 
 
 def _take_rows(x: Array, idx: Array, fill=0) -> Array:
@@ -67,8 +56,13 @@ class EpisodeBatch:
     tokens        [B, L] int32  prompt, then each step's action tokens followed by the observation tokens.
     action_mask   [B, L] bool   True where the model generated the token.
     step_ids      [B, L] int32  step index of each action token, -1 elsewhere.
-    logprobs      [B, L] float32  behaviour policy log-prob of each action token (logprobs[p] scores tokens[p],
-                                  predicted by the logits at p - 1), 0 elsewhere.
+    logprobs      [B, L] float32  log-prob of each action token under the untempered, unfiltered model that acted
+                                  (log_softmax of its raw logits; logprobs[p] scores tokens[p], predicted by the
+                                  logits at p - 1), 0 elsewhere. Temperature / top-k / top-p shape only the sampling
+                                  distribution; the learner computes this same untempered quantity, so the first
+                                  PPO ratio is 1 at any temperature (up to the rounding of decode vs. training
+                                  forward). The sampling distribution's own log-probs are
+                                  `sampling.DecodeOutput.sample_logprobs`, not stored.
   Per step:
     step_start    [B, S] int32  position of the step's first action token (0 on invalid steps).
     step_len      [B, S] int32  number of action tokens in the step (0 on invalid steps).
@@ -144,26 +138,16 @@ class EpisodeBatch:
 
     Raises ValueError with one line naming the field and what is allowed. Returns self so it chains.
     """
-    _check(hasattr(self.tokens, "ndim") and self.tokens.ndim == 2, "tokens",
-           f"expected a rank-2 [B, L] array, got shape {getattr(self.tokens, 'shape', None)}")
-    _check(hasattr(self.step_start, "ndim") and self.step_start.ndim == 2, "step_start",
-           f"expected a rank-2 [B, S] array, got shape {getattr(self.step_start, 'shape', None)}")
+    check_array(self.tokens, "tokens", rank=2, dims="[B, L]")
+    check_array(self.step_start, "step_start", rank=2, dims="[B, S]")
     b, l = self.tokens.shape
     s = self.step_start.shape[1]
-    _check_array(self.tokens, "tokens", (b, l), "iu")
-    _check_array(self.action_mask, "action_mask", (b, l), "b")
-    _check_array(self.step_ids, "step_ids", (b, l), "i")
-    _check_array(self.logprobs, "logprobs", (b, l), "f")
-    _check_array(self.step_start, "step_start", (b, s), "i")
-    _check_array(self.step_len, "step_len", (b, s), "i")
-    _check_array(self.step_rewards, "step_rewards", (b, s), "f")
-    _check_array(self.step_mask, "step_mask", (b, s), "b")
-    for name in ("seq_len", "group_id", "bootstrap_pos"):
-      _check_array(getattr(self, name), name, (b,), "i")
-    for name in ("terminated", "truncated"):
-      _check_array(getattr(self, name), name, (b,), "b")
+    _check_fields(self, [("tokens", "int", (b, l)), ("action_mask", "bool", (b, l)), ("step_ids", "signed", (b, l)),
+                         ("logprobs", "float", (b, l)), ("step_start step_len", "signed", (b, s)),
+                         ("step_rewards", "float", (b, s)), ("step_mask", "bool", (b, s)),
+                         ("seq_len group_id bootstrap_pos", "signed", (b,)), ("terminated truncated", "bool", (b,))])
     chex.assert_equal_shape([self.tokens, self.action_mask, self.step_ids, self.logprobs])
-    if _is_concrete(*jax.tree_util.tree_leaves(self)):
+    if is_concrete(self):
       self._validate_values()
     return self
 
@@ -171,19 +155,19 @@ class EpisodeBatch:
     x = jax.tree_util.tree_map(np.asarray, self)
     b, l = x.tokens.shape
     s = x.step_start.shape[1]
-    _check(bool(np.all((x.seq_len >= 0) & (x.seq_len <= l))), "seq_len", f"must lie in [0, {l}]")
+    require(bool(np.all((x.seq_len >= 0) & (x.seq_len <= l))), "seq_len", f"must lie in [0, {l}]")
     m = x.step_mask
-    _check(bool(np.all(m[:, 1:] <= m[:, :-1])), "step_mask", "valid steps must be a prefix of the step slots")
-    _check(bool(np.all(x.step_len[m] >= 1)), "step_len", "every valid step needs at least one action token")
-    _check(bool(np.all((x.step_len[~m] == 0) & (x.step_start[~m] == 0))), "step_start",
-           "invalid step slots must have step_start = step_len = 0")
-    _check(bool(np.all(x.step_start[m] >= 1)), "step_start",
-           "a valid step starts at position >= 1 (the critic reads position step_start - 1)")
+    require(bool(np.all(m[:, 1:] <= m[:, :-1])), "step_mask", "valid steps must be a prefix of the step slots")
+    require(bool(np.all(x.step_len[m] >= 1)), "step_len", "every valid step needs at least one action token")
+    require(bool(np.all((x.step_len[~m] == 0) & (x.step_start[~m] == 0))), "step_start",
+            "invalid step slots must have step_start = step_len = 0")
+    require(bool(np.all(x.step_start[m] >= 1)), "step_start",
+            "a valid step starts at position >= 1 (the critic reads position step_start - 1)")
     end = x.step_start + x.step_len
-    _check(bool(np.all(end <= x.seq_len[:, None])), "step_len", "a step runs past seq_len")
+    require(bool(np.all(end <= x.seq_len[:, None])), "step_len", "a step runs past seq_len")
     later = m[:, 1:]
-    _check(bool(np.all(np.where(later, x.step_start[:, 1:] >= end[:, :-1], True))), "step_start",
-           "steps must be in increasing, non-overlapping order")
+    require(bool(np.all(np.where(later, x.step_start[:, 1:] >= end[:, :-1], True))), "step_start",
+            "steps must be in increasing, non-overlapping order")
     # step_ids must be exactly the expansion of (step_start, step_len) (vectorised: one entry per action token).
     expect = np.full((b, l), -1, np.int64)
     counts = np.where(m, x.step_len, 0).reshape(-1)
@@ -191,17 +175,19 @@ class EpisodeBatch:
     steps = np.repeat(np.tile(np.arange(s), b), counts)
     offsets = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
     expect[rows, np.repeat(x.step_start.reshape(-1), counts) + offsets] = steps
-    _check(bool(np.array_equal(expect, x.step_ids)), "step_ids", "must equal the step index on each step's "
-           "tokens [step_start, step_start + step_len) and -1 elsewhere")
-    _check(bool(np.array_equal(x.action_mask, expect >= 0)), "action_mask", "must be True exactly where step_ids >= 0")
-    _check(bool(np.all(x.logprobs[~x.action_mask] == 0)), "logprobs", "must be 0 off action tokens")
-    _check(bool(np.all(x.step_rewards[~m] == 0)), "step_rewards", "must be 0 on invalid steps")
-    _check(not bool(np.any(x.terminated & x.truncated)), "truncated", "an episode cannot be both terminated and truncated")
+    require(bool(np.array_equal(expect, x.step_ids)), "step_ids", "must equal the step index on each step's "
+            "tokens [step_start, step_start + step_len) and -1 elsewhere")
+    require(bool(np.array_equal(x.action_mask, expect >= 0)), "action_mask",
+            "must be True exactly where step_ids >= 0")
+    require(bool(np.all(x.logprobs[~x.action_mask] == 0)), "logprobs", "must be 0 off action tokens")
+    require(bool(np.all(x.step_rewards[~m] == 0)), "step_rewards", "must be 0 on invalid steps")
+    require(not bool(np.any(x.terminated & x.truncated)), "truncated",
+            "an episode cannot be both terminated and truncated")
     has_steps = m.any(axis=1)
-    _check(bool(np.all(np.where(x.truncated & has_steps, x.bootstrap_pos >= end.max(axis=1) - 1, True))),
-           "bootstrap_pos", "must not precede the last action token of a truncated episode")
-    _check(bool(np.all((x.bootstrap_pos >= 0) & (x.bootstrap_pos < np.maximum(x.seq_len, 1)))), "bootstrap_pos",
-           "must lie in [0, seq_len)")
+    require(bool(np.all(np.where(x.truncated & has_steps, x.bootstrap_pos >= end.max(axis=1) - 1, True))),
+            "bootstrap_pos", "must not precede the last action token of a truncated episode")
+    require(bool(np.all((x.bootstrap_pos >= 0) & (x.bootstrap_pos < np.maximum(x.seq_len, 1)))), "bootstrap_pos",
+            "must lie in [0, seq_len)")
 
 
 @struct.dataclass
@@ -212,7 +198,7 @@ class StepRows:
     prompt_mask      [N, P] bool
     response         [N, R] int32  the step's action tokens, right-padded.
     response_mask    [N, R] bool
-    response_logprobs[N, R] float32  behaviour log-probs, 0 on padding.
+    response_logprobs[N, R] float32  the untempered log-probs of `EpisodeBatch.logprobs`, 0 on padding.
     observation      [N, O] int32  the environment's answer appended after the step, right-padded.
     observation_mask [N, O] bool
     reward           [N] float32
@@ -240,33 +226,25 @@ class StepRows:
   truncated: Array
 
   def validate(self) -> "StepRows":
-    _check(hasattr(self.prompt, "ndim") and self.prompt.ndim == 2, "prompt", "expected a rank-2 [N, P] array")
+    check_array(self.prompt, "prompt", rank=2, dims="[N, P]")
+    check_array(self.response, "response", rank=2, dims="[N, R]")
+    check_array(self.observation, "observation", rank=2, dims="[N, O]")
     n, p = self.prompt.shape
-    _check(hasattr(self.response, "ndim") and self.response.ndim == 2, "response", "expected a rank-2 [N, R] array")
     r = self.response.shape[1]
-    _check(hasattr(self.observation, "ndim") and self.observation.ndim == 2, "observation",
-           "expected a rank-2 [N, O] array")
     o = self.observation.shape[1]
-    _check_array(self.prompt, "prompt", (n, p), "iu")
-    _check_array(self.prompt_mask, "prompt_mask", (n, p), "b")
-    _check_array(self.response, "response", (n, r), "iu")
-    _check_array(self.response_mask, "response_mask", (n, r), "b")
-    _check_array(self.response_logprobs, "response_logprobs", (n, r), "f")
-    _check_array(self.observation, "observation", (n, o), "iu")
-    _check_array(self.observation_mask, "observation_mask", (n, o), "b")
-    _check_array(self.reward, "reward", (n,), "f")
-    for name in ("row_mask", "terminated", "truncated"):
-      _check_array(getattr(self, name), name, (n,), "b")
-    for name in ("traj_id", "step_index", "group_id"):
-      _check_array(getattr(self, name), name, (n,), "i")
-    if _is_concrete(*jax.tree_util.tree_leaves(self)):
+    _check_fields(self, [("prompt", "int", (n, p)), ("prompt_mask", "bool", (n, p)), ("response", "int", (n, r)),
+                         ("response_mask", "bool", (n, r)), ("response_logprobs", "float", (n, r)),
+                         ("observation", "int", (n, o)), ("observation_mask", "bool", (n, o)),
+                         ("reward", "float", (n,)), ("row_mask terminated truncated", "bool", (n,)),
+                         ("traj_id step_index group_id", "signed", (n,))])
+    if is_concrete(self):
       x = jax.tree_util.tree_map(np.asarray, self)
-      _check(bool(np.all(x.prompt_mask[:, 1:] >= x.prompt_mask[:, :-1])), "prompt_mask", "prompts must be left-padded")
-      _check(bool(np.all(x.response_mask[:, 1:] <= x.response_mask[:, :-1])), "response_mask",
-             "responses must be right-padded")
-      _check(bool(np.all(x.observation_mask[:, 1:] <= x.observation_mask[:, :-1])), "observation_mask",
-             "observations must be right-padded")
-      _check(bool(np.all(x.response_mask.sum(1)[x.row_mask] >= 1)), "response_mask", "a real step needs >= 1 token")
+      require(bool(np.all(x.prompt_mask[:, 1:] >= x.prompt_mask[:, :-1])), "prompt_mask", "prompts must be left-padded")
+      require(bool(np.all(x.response_mask[:, 1:] <= x.response_mask[:, :-1])), "response_mask",
+              "responses must be right-padded")
+      require(bool(np.all(x.observation_mask[:, 1:] <= x.observation_mask[:, :-1])), "observation_mask",
+              "observations must be right-padded")
+      require(bool(np.all(x.response_mask.sum(1)[x.row_mask] >= 1)), "response_mask", "a real step needs >= 1 token")
     return self
 
 

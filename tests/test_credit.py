@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stepjax import credit
-from stepjax.testing import random_episode_batch
+from stepjax.testing import np_groups, np_whiten, random_episode_batch
 
 B, L, S = 8, 96, 6
 RTOL, ATOL = 1e-5, 1e-5
@@ -57,26 +57,6 @@ def np_discounted(rewards, mask, gamma):
         running = rewards[b, t] + gamma * running
         out[b, t] = running
   return out
-
-
-def np_whiten(x, mask, shift_mean=True, eps=1e-8):
-  picked = np.asarray(x, np.float64)[mask]
-  if picked.size == 0:
-    return np.zeros(x.shape)
-  mean = picked.mean()
-  var = picked.var(ddof=1) if picked.size > 1 else 0.0
-  out = (x - mean) / np.sqrt(var + eps)
-  if not shift_mean:
-    out = out + mean
-  return np.where(mask, out, 0.0)
-
-
-def np_groups(keys, valid):
-  groups = {}
-  for i, (key, ok) in enumerate(zip(keys, valid)):
-    if ok:
-      groups.setdefault(key, []).append(i)
-  return groups
 
 
 def np_grpo(scores, group_id, valid, normalize_std=True, eps=1e-6):
@@ -345,56 +325,6 @@ def test_gae_accepts_leading_batch_dims_and_bfloat16_values():
 
 
 # ------------------------------------------------------------------------------------------------------
-# whitening, broadcasting, segments
-# ------------------------------------------------------------------------------------------------------
-
-
-def test_masked_whiten_matches_numpy():
-  rng = np.random.default_rng(0)
-  x = (rng.normal(size=(3, 4, 5)) * 3 + 1).astype(np.float32)
-  mask = rng.random((3, 4, 5)) < 0.5
-  for shift_mean in (True, False):
-    out = credit.masked_whiten(x, mask, shift_mean=shift_mean)
-    assert_close(out, np_whiten(x, mask, shift_mean))
-    assert_zero_outside(out, mask)
-  assert_close(credit.masked_whiten(x, np.zeros_like(mask)), np.zeros(x.shape))
-  one = np.zeros_like(mask)
-  one[1, 2, 3] = True
-  assert_close(credit.masked_whiten(x, one), np.zeros(x.shape))  # a single element: variance 0, centred value 0
-
-
-def test_broadcast_to_tokens_matches_numpy():
-  batch = random_episode_batch(3)
-  per_step = np.random.default_rng(3).normal(size=(B, S)).astype(np.float32)
-  out = credit.broadcast_to_tokens(per_step, batch.step_ids)
-  expected = np.zeros((B, L))
-  for b in range(B):
-    for p in range(L):
-      if batch.step_ids[b, p] >= 0:
-        expected[b, p] = per_step[b, batch.step_ids[b, p]]
-  assert_close(out, expected)
-  assert_zero_outside(out, batch.step_ids >= 0)
-
-
-def test_segment_ids_partition_matches_python_dict():
-  rng = np.random.default_rng(0)
-  fn = jax.jit(lambda a, c, v: credit.segment_ids(a, c, valid=v))
-  for _ in range(4):
-    first = rng.choice(np.array([-7, 3, 10**9, 123456], np.int32), size=32)
-    second = rng.choice(np.array([0, 4_000_000_000], np.uint32), size=32)
-    valid = rng.random(32) < 0.8
-    ids, count = fn(first, second, valid)
-    ids = np.asarray(ids)
-    groups = np_groups(list(zip(first.tolist(), second.tolist())), valid)
-    assert int(count) == len(groups)
-    assert np.all(ids[~valid] == 32)
-    assert sorted(set(ids[valid].tolist())) == list(range(len(groups)))
-    for members in groups.values():
-      assert len(set(ids[members].tolist())) == 1
-    assert len({ids[m[0]] for m in groups.values()}) == len(groups)
-
-
-# ------------------------------------------------------------------------------------------------------
 # group-relative estimators
 # ------------------------------------------------------------------------------------------------------
 
@@ -517,7 +447,7 @@ CONFIGS = (
     credit.CreditConfig("grpo", whiten="step", normalize_std=False),
     credit.CreditConfig("rloo", whiten=None),
     credit.CreditConfig("reinforce_pp", gamma=0.9, whiten=None),
-    credit.CreditConfig("reinforce_pp_baseline", whiten="token"),
+    credit.CreditConfig("reinforce_pp_baseline", whiten=None),  # it whitens itself; whitening again is refused
     credit.CreditConfig("gigpo", gamma=0.9, whiten=None, gigpo_omega=0.7),
     credit.CreditConfig("gigpo", gamma=1.0, whiten="token", gigpo_mode="mean_norm"),
 )
@@ -534,10 +464,10 @@ def test_compute_advantages_matches_numpy_pipeline():
       np.testing.assert_allclose(np.asarray(got.step_advantages), per_step, rtol=RTOL, atol=1e-4, err_msg=err)
       assert_zero_outside(got.token_advantages, batch.action_mask)
       assert_zero_outside(got.step_advantages, batch.step_mask)
-      assert got.critic == credit.critic_level(config.estimator)
-      if returns is None:
-        assert got.returns is None
-      else:
+      critic = credit.critic_level(config.estimator)
+      assert (got.returns is None) == (returns is None) == (critic is None)
+      if returns is not None:  # value targets at the level the critic is read at
+        assert got.returns.shape == {"step": (B, S), "token": (B, L)}[critic]
         np.testing.assert_allclose(np.asarray(got.returns), returns, rtol=RTOL, atol=1e-4, err_msg=err)
 
 
@@ -545,8 +475,78 @@ def test_registry():
   assert set(credit.ESTIMATORS) == {"step_gae", "token_gae", "grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline",
                                     "gigpo"}
   assert [credit.critic_level(n) for n in ("step_gae", "token_gae", "grpo", "gigpo")] == ["step", "token", None, None]
-  assert credit.get_estimator("rloo") is credit.ESTIMATORS["rloo"]
+  assert credit.get_estimator("rloo") is credit.ESTIMATORS["rloo"].fn
   assert hash(credit.CreditConfig()) == hash(credit.CreditConfig())  # usable as a static jit argument
+  facts = {name: (spec.critic, spec.level, spec.whitens) for name, spec in credit.ESTIMATORS.items()}
+  assert facts == {"step_gae": ("step", "step", False), "token_gae": ("token", "token", False),
+                   "grpo": (None, "step", False), "rloo": (None, "step", False), "gigpo": (None, "step", False),
+                   "reinforce_pp": (None, "token", True), "reinforce_pp_baseline": (None, "token", True)}
+  for name, spec in credit.ESTIMATORS.items():
+    assert credit.estimator_spec(name) is spec and spec.name == name and credit.critic_level(name) == spec.critic
+  # Every estimator builds with some whitening mode, and exactly the ones its spec allows.
+  for name, spec in credit.ESTIMATORS.items():
+    allowed = {None} if spec.whitens else ({"token", None} if spec.level == "token" else {"step", "token", None})
+    for whiten in credit.WHITEN_MODES:
+      if whiten in allowed:
+        credit.CreditConfig(name, whiten=whiten)
+      else:
+        with pytest.raises(ValueError, match="^whiten: "):
+          credit.CreditConfig(name, whiten=whiten)
+
+
+@pytest.fixture
+def episode_return_estimator():
+  """A toy estimator, registered in one edit (the decorated function) and unregistered after the test."""
+
+  @credit.register_estimator("episode_return", critic=None, level="step")
+  def episode_return(config, batch, position_values):
+    """The episode's return on every valid step."""
+    return jnp.where(batch.step_mask, batch.episode_returns()[:, None], 0.0), None
+
+  try:
+    yield episode_return
+  finally:
+    credit.unregister_estimator("episode_return")
+
+
+def test_a_new_estimator_is_one_decorated_function(episode_return_estimator):
+  spec = credit.estimator_spec("episode_return")
+  assert spec == credit.EstimatorSpec("episode_return", episode_return_estimator, critic=None, level="step",
+                                      whitens=False)
+  assert credit.critic_level("episode_return") is None and "episode_return" in credit.ESTIMATORS
+  configs = (credit.CreditConfig("episode_return", whiten=None), credit.CreditConfig("episode_return", whiten="step"),
+             credit.CreditConfig("episode_return", whiten="token"))
+  for seed in range(2):
+    batch = random_episode_batch(seed, reward_density=0.9)
+    nb = NpBatch(batch)
+    per_step = np.where(batch.step_mask, nb.scores[:, None], 0.0)
+    plain, step_whitened, token_whitened = jit_credits(configs, batch, None)  # no critic: no position values
+    assert_close(plain.step_advantages, per_step)
+    assert_close(plain.token_advantages, nb.broadcast(per_step))
+    assert_close(step_whitened.token_advantages, nb.broadcast(np_whiten(per_step, batch.step_mask)), atol=1e-4)
+    want_tokens = np_whiten(nb.broadcast(per_step), batch.action_mask)
+    assert_close(token_whitened.token_advantages, want_tokens, atol=1e-4)
+    assert_close(token_whitened.step_advantages, nb.step_mean(want_tokens), atol=1e-4)
+    assert plain.returns is None
+
+
+def test_registering_and_unregistering_estimators(episode_return_estimator):
+  with pytest.raises(ValueError, match=r"^name: estimator 'episode_return' is already registered$"):
+    credit.register_estimator("episode_return", critic=None, level="step")
+  for kwargs, field in ((dict(critic="head", level="step"), "critic"), (dict(critic=None, level="episode"), "level"),
+                        (dict(critic=None, level="step", whitens="yes"), "whitens")):
+    with pytest.raises(ValueError, match=f"^{field}: "):
+      credit.register_estimator("another", **kwargs)
+  assert "another" not in credit.ESTIMATORS
+  wrong = credit.register_estimator("wrong_level", critic=None, level="token")(episode_return_estimator)  # [B, S]
+  try:
+    with pytest.raises(ValueError, match=r"^estimator: expected shape \(8, 96\) \(the shape of 'wrong_level'"):
+      credit.compute_advantages(credit.CreditConfig("wrong_level", whiten=None), random_episode_batch(0))
+  finally:
+    assert credit.unregister_estimator("wrong_level").fn is wrong
+  assert "wrong_level" not in credit.ESTIMATORS
+  with pytest.raises(ValueError, match="^estimator: unknown 'wrong_level'"):
+    credit.unregister_estimator("wrong_level")
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -592,7 +592,7 @@ def test_vmap_over_batches_of_episodes():
   batches = [random_episode_batch(seed) for seed in (11, 12)]
   stacked = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *batches)
   pvs = np.stack([random_values(11), random_values(12)])
-  configs = (CONFIGS[0], CONFIGS[9], CONFIGS[11])  # step critic; whitening + broadcasting; anchors + groups
+  configs = (CONFIGS[0], CONFIGS[9], CONFIGS[11])  # step critic; own whitening + step means; anchors + groups
   vmapped = jax.jit(jax.vmap(lambda b, v: jit_credits(configs, b, v)))(stacked, pvs)
   for i, batch in enumerate(batches):
     for config, got in zip(configs, vmapped):
@@ -630,18 +630,21 @@ BAD_INPUTS = [
     ("bootstrap_values", lambda: credit.step_gae(_R, _R, _M, gamma=1.0, lam=1.0, bootstrap_values=np.zeros(B + 1))),
     ("truncated", lambda: credit.step_gae(_R, _R, _M, gamma=1.0, lam=1.0, truncated=np.zeros(B, np.int32))),
     ("method", lambda: credit.step_gae(_R, _R, _M, gamma=1.0, lam=1.0, method="cumsum")),
-    ("mask", lambda: credit.masked_whiten(_R, _M[:, :2])),
-    ("step_ids", lambda: credit.broadcast_to_tokens(_R, _R)),
     ("group_id", lambda: credit.grpo(_R[:, 0], _R[:, 0])),
     ("group_id", lambda: credit.rloo(_R[:, 0], np.zeros(B + 1, np.int32))),
-    ("keys[1]", lambda: credit.segment_ids(np.zeros(4, np.int32), np.zeros(5, np.int32))),
     ("mode", lambda: credit.gigpo(_R[:, 0], _R, _M, np.zeros(B, np.int32), np.zeros((B, S), np.int32), gamma=1.0,
                                   mode="z_score")),
     ("estimator", lambda: credit.CreditConfig(estimator="ppo")),
     ("estimator", lambda: credit.get_estimator("dr_grpo")),
     ("estimator", lambda: credit.critic_level("nope")),
+    ("estimator", lambda: credit.estimator_spec(None)),
     ("whiten", lambda: credit.CreditConfig(whiten="batch")),
     ("whiten", lambda: credit.CreditConfig(estimator="token_gae", whiten="step")),
+    ("whiten", lambda: credit.CreditConfig(estimator="reinforce_pp", whiten="token")),  # it whitens itself
+    ("whiten", lambda: credit.CreditConfig(estimator="reinforce_pp_baseline", whiten="token")),
+    ("whiten", lambda: credit.CreditConfig(estimator="reinforce_pp", whiten="step")),
+    ("gae_unroll", lambda: credit.CreditConfig(gae_unroll=0)),
+    ("unroll", lambda: credit.step_gae(_R, _R, _M, gamma=1.0, lam=1.0, unroll=True)),
     ("gigpo_mode", lambda: credit.CreditConfig(gigpo_mode="std")),
     ("gamma", lambda: credit.CreditConfig(gamma=2.0)),
     ("lam", lambda: credit.CreditConfig(lam=-1)),
@@ -656,3 +659,14 @@ def test_bad_input_raises_naming_the_argument(arg, call):
   with pytest.raises(ValueError, match="^" + re.escape(arg) + ": ") as info:
     call()
   assert "\n" not in str(info.value)
+
+
+def test_bad_names_list_what_is_allowed():
+  with pytest.raises(ValueError) as info:
+    credit.CreditConfig(estimator="dr_grpo")
+  assert str(info.value) == ("estimator: unknown 'dr_grpo'; allowed: step_gae, token_gae, grpo, rloo, reinforce_pp, "
+                             "reinforce_pp_baseline, gigpo (Dr.GRPO is 'grpo' with normalize_std=False)")
+  with pytest.raises(ValueError, match=r"^whiten: 'reinforce_pp' already whitens its advantages"):
+    credit.CreditConfig(estimator="reinforce_pp", whiten="token")
+  with pytest.raises(ValueError, match=r"^whiten: unknown 'batch'; allowed: step, token, None$"):
+    credit.CreditConfig(whiten="batch")

@@ -573,7 +573,39 @@ def test_bad_input_names_the_argument(case):
 
 def test_get_policy_loss_and_config_validate():
   assert losses.get_policy_loss("step_ratio") is losses.step_ratio_loss
+  assert losses.RATIO_UNITS == {"ppo": "token", "gspo": "step-mean", "step_ratio": "step-sum"}
+  assert set(losses.RATIO_UNITS) == set(losses.POLICY_LOSSES) == set(losses.DEFAULT_CLIP)
   with pytest.raises(ValueError, match=r"^name: unknown 'grpo'; allowed: ppo, gspo, step_ratio$"):
     losses.get_policy_loss("grpo")
   with pytest.raises(ValueError, match=r"^dual_clip: must be > 1"):
-    losses.PolicyLossConfig(name="ppo", dual_clip=0.5).validate()
+    losses.PolicyLossConfig(name="ppo", dual_clip=0.5).validate()  # (construction already raises)
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    ({"clip_low": 1.0}, "clip_low"), ({"clip_low": -0.1}, "clip_low"), ({"clip_high": -0.2}, "clip_high"),
+    ({"dual_clip": 0.5}, "dual_clip"), ({"log_ratio_clamp": 0.0}, "log_ratio_clamp"), ({"name": "grpo"}, "name"),
+    ({"agg_mode": "sum"}, "agg_mode"), ({"clip_low": np.array([0.1, 1.5], np.float32)}, "clip_low"),
+])
+def test_policy_loss_config_is_validated_on_construction(kwargs, field):
+  with pytest.raises(ValueError, match=f"^{field}: ") as error:
+    losses.PolicyLossConfig(**kwargs)
+  assert "\n" not in str(error.value)
+  with pytest.raises(ValueError, match=f"^{field}: "):  # replace rebuilds it, so it validates too
+    losses.PolicyLossConfig().replace(**kwargs)
+
+
+def test_policy_loss_config_survives_jit_vmap_and_tree_utilities():
+  config = losses.PolicyLossConfig(name="ppo", clip_low=np.full(3, 0.2, np.float32),
+                                   clip_high=np.array([0.1, 0.28, 0.5], np.float32),
+                                   log_ratio_clamp=np.full(3, 20.0, np.float32))
+  # Rebuilt with tracers (vmap, jit), placeholder objects (eval_shape), ints (an axis spec), device arrays.
+  np.testing.assert_allclose(jax.jit(jax.vmap(lambda c: c.clip_range()[1] * 2))(config), [0.2, 0.56, 1.0], rtol=1e-6)
+  assert jax.eval_shape(lambda c: c, config).clip_high.shape == (3,)
+  axes = jax.tree_util.tree_map(lambda _: 0, config)  # clip_low = 0 ... log_ratio_clamp = 0 is an axis spec here
+  np.testing.assert_allclose(jax.vmap(lambda c: c.clip_high, in_axes=(axes,))(config), config.clip_high)
+  assert jax.jit(lambda c: c)(losses.PolicyLossConfig(clip_low=0.1)).clip_low == pytest.approx(0.1)
+  # Device values and ints are not read on construction; `validate` (run by policy_loss) catches them.
+  for unread, field in ((losses.PolicyLossConfig(log_ratio_clamp=jnp.float32(0.0)), "log_ratio_clamp"),
+                        (losses.PolicyLossConfig(dual_clip=1), "dual_clip")):
+    with pytest.raises(ValueError, match=f"^{field}: "):
+      unread.validate()

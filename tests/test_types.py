@@ -42,11 +42,31 @@ def test_random_batches_validate():
     ("logprobs dtype", lambda x: x.replace(logprobs=x.logprobs.astype(np.int32)), "logprobs"),
     ("step_mask dtype", lambda x: x.replace(step_mask=x.step_mask.astype(np.float32)), "step_mask"),
     ("group_id shape", lambda x: x.replace(group_id=x.group_id[:-1]), "group_id"),
+    ("tokens rank", lambda x: x.replace(tokens=x.tokens[0]), r"tokens: expected a rank-2 \[B, L\] array"),
+    ("step_ids unsigned", lambda x: x.replace(step_ids=x.step_ids.astype(np.uint32)),
+     "step_ids: expected a signed int dtype, got uint32"),
+    ("unsigned tokens are fine", lambda x: x.replace(tokens=x.tokens.astype(np.uint32), seq_len=x.seq_len + L),
+     "seq_len: must lie in"),
 ])
 def test_validate_names_the_field(field, mutate, message):
   batch = random_episode_batch(1, B, L, S, fill=True)
-  with pytest.raises(ValueError, match=message):
+  with pytest.raises(ValueError, match="^" + message) as error:
     mutate(batch).validate()
+  assert "\n" not in str(error.value)
+
+
+def test_step_rows_validate_names_the_field():
+  rows = types.to_step_rows(random_episode_batch(1, B, L, S), prompt_len=L, response_len=8, observation_len=8)
+  rows.validate()
+  for mutate, message in [
+      (lambda r: r.replace(prompt=r.prompt[0]), r"prompt: expected a rank-2 \[N, P\] array"),
+      (lambda r: r.replace(reward=r.reward.astype(np.int32)), "reward: expected a float dtype"),
+      (lambda r: r.replace(row_mask=r.row_mask[:-1]), "row_mask: expected shape"),
+      (lambda r: r.replace(prompt_mask=r.prompt_mask[:, ::-1]), "prompt_mask: prompts must be left-padded"),
+  ]:
+    with pytest.raises(ValueError, match="^" + message) as error:
+      mutate(rows).validate()
+    assert "\n" not in str(error.value)
 
 
 def test_validate_under_jit_checks_shapes_only():
