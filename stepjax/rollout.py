@@ -8,18 +8,27 @@ One agent step is three pure pieces, shared by both loops:
   `observe` append the observation to the batch and to the cache (cache extension, never a re-prefill) and record
             the reward and terminated / truncated flags.
 
-`make_rollout(model, env, config)` runs the whole episode loop for a pure-JAX environment as one `lax.scan` over
-steps inside one `jit`. `host_rollout(...)` drives host environments step by step with the same jitted pieces.
+`make_rollout(model, env, config)` builds the whole episode loop for a pure-JAX environment as one pure function (one
+`lax.scan` over steps; jit it once); `rollout(...)` is the cached, jitted convenience around it.
+`make_host_rollout(model, config, tokenizer)` builds a loop that drives host environments step by step with the
+same jitted pieces.
+
+Log-probs: `EpisodeBatch.logprobs` holds, for every action token, its log-prob under the untempered, unfiltered
+model (`sampling.DecodeOutput.logprobs`): the behaviour policy the learner's ratios compare against. The log-prob
+under the distribution actually sampled from (temperature, top-k, top-p; `DecodeOutput.sample_logprobs`) is not
+stored; with temperature 1 and no filtering the two are the same.
 
 Context budget: a step starts only if the row still has room for a whole step (max_action_len tokens) and the
 largest observation (max_obs_len); otherwise the episode ends as truncated (context overflow) before the step, so
-no token is ever dropped. Reaching `max_steps` also truncates. Only the environment's own end of task terminates.
+no token is ever dropped. Reaching the rollout's `max_steps` (or the environment's own step budget) also truncates.
+Only the environment's own end of task terminates.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import time
 from typing import Any, Callable, Sequence
 
@@ -29,6 +38,7 @@ import numpy as np
 from flax import struct
 
 from stepjax import sampling
+from stepjax.checks import check_choice, check_int, fail
 from stepjax.models.transformer import init_cache
 from stepjax.types import EpisodeBatch
 
@@ -70,14 +80,12 @@ class RolloutConfig:
   def validate(self, max_obs_len: int | None = None, vocab_size: int | None = None) -> "RolloutConfig":
     """One line naming the field and what is allowed; `max_obs_len` is the environment's observation buffer."""
     for name in ("num_tasks", "episodes_per_task", "max_steps", "max_len", "max_action_len", "max_obs_len"):
-      value = getattr(self, name)
-      if not isinstance(value, int) or value < 1:
-        raise ValueError(f"rollout.{name}: must be an int >= 1, got {value!r}")
+      check_int(getattr(self, name), f"rollout.{name}", 1)
     obs = self.max_obs_len if max_obs_len is None else max_obs_len
     need = obs + self.max_action_len + obs
     if self.max_len < need:
-      raise ValueError(f"rollout.max_len: {self.max_len} cannot hold the first observation plus one step "
-                       f"(max_action_len={self.max_action_len} + max_obs_len={obs}); use max_len >= {need}")
+      fail("rollout.max_len", f"{self.max_len} cannot hold the first observation plus one step "
+                              f"(max_action_len={self.max_action_len} + max_obs_len={obs}); use max_len >= {need}")
     self.sampling_config().validate(vocab_size)
     return self
 
@@ -124,7 +132,8 @@ def act(model, params, rs: RolloutState, key: Array, config: RolloutConfig, max_
   """Decodes (or, with `forced_actions` = (tokens [B, A], lengths [B]), replays) one action per live row.
 
   Returns (state, action tokens [B, A], action lengths [B], active [B]). Rows without room for a whole step and
-  the largest observation end here as truncated (context overflow) instead of stepping.
+  the largest observation end here as truncated (context overflow) instead of stepping. The batch gets the tokens'
+  log-probs under the untempered, unfiltered policy (`DecodeOutput.logprobs`, never `sample_logprobs`).
   """
   batch, t = rs.batch, rs.step
   fits = batch.seq_len + config.max_action_len + max_obs_len <= config.max_len
@@ -153,17 +162,23 @@ def act(model, params, rs: RolloutState, key: Array, config: RolloutConfig, max_
   return rs.replace(batch=batch, cache=cache, next_logits=next_logits, done=rs.done | overflow), tokens, lengths, active
 
 
-def observe(model, params, rs: RolloutState, active: Array, obs: Array, obs_len: Array, reward: Array,
-            terminated: Array, truncated: Array) -> RolloutState:
-  """Appends each active row's observation [B, O] to the batch and the cache; records reward and end flags."""
+def observe(model, params, rs: RolloutState, obs: Array, obs_len: Array, reward: Array, terminated: Array,
+            truncated: Array) -> RolloutState:
+  """Appends each row's observation [B, O] (obs_len [B] tokens) to the batch and the cache; records reward [B] and
+  the end flags [B] (terminated wins over truncated).
+
+  A row that did not step this time (finished earlier, or out of context) must come with obs_len 0, reward 0 and no
+  flags. Both loops guarantee it without masking here: the jitted loop marks such rows `done` for the environment,
+  whose `Environment.step` then returns exactly that, and the host loop steps no environment for them.
+  """
   batch, t = rs.batch, rs.step
-  obs_len = jnp.where(active, jnp.asarray(obs_len, jnp.int32), 0)
-  terminated = active & jnp.asarray(terminated, bool)
-  truncated = active & jnp.asarray(truncated, bool) & ~terminated
+  obs_len = jnp.asarray(obs_len, jnp.int32)
+  terminated = jnp.asarray(terminated, bool)
+  truncated = jnp.asarray(truncated, bool) & ~terminated
   cache, next_logits = sampling.extend(model, params, obs, obs_len, rs.cache, rs.next_logits)
   batch = batch.replace(
       tokens=_write(batch.tokens, batch.seq_len, obs, obs_len),
-      step_rewards=batch.step_rewards.at[:, t].set(jnp.where(active, jnp.asarray(reward, jnp.float32), 0.0)),
+      step_rewards=batch.step_rewards.at[:, t].set(jnp.asarray(reward, jnp.float32)),
       seq_len=batch.seq_len + obs_len,
       terminated=batch.terminated | terminated,
       truncated=batch.truncated | truncated)
@@ -179,11 +194,19 @@ def finish(rs: RolloutState) -> EpisodeBatch:
 
 @struct.dataclass
 class RolloutInfo:
-  """Per-episode extras: success [B] (the environment reported success), parsed_steps [B], invalid_steps [B]."""
+  """Per-episode extras, each [B]: success (the environment reported success on some step), parsed_steps (steps
+  whose action the environment understood) and invalid_steps (the other steps taken: `from_counts` derives them
+  from the batch's step_mask and parsed_steps)."""
 
   success: Array
   parsed_steps: Array
   invalid_steps: Array
+
+  @classmethod
+  def from_counts(cls, batch: EpisodeBatch, success: Array, parsed_steps: Array, **extra) -> "RolloutInfo":
+    """invalid_steps = the steps taken (`batch.step_mask`) that did not parse."""
+    steps_taken = jnp.sum(batch.step_mask, axis=1, dtype=jnp.int32)
+    return cls(success=success, parsed_steps=parsed_steps, invalid_steps=steps_taken - parsed_steps, **extra)
 
 
 def task_keys_and_groups(key: Array, config: RolloutConfig, group_offset: Array | int = 0, task_keys: Array = None):
@@ -203,12 +226,11 @@ def make_rollout(model, env, config: RolloutConfig, actor: str = "model") -> Cal
   actor="model" samples actions from the policy; actor="expert" replays the environment's scripted expert through
   the same cache (its tokens scored by the policy), which is what SFT warm starts and replay tests use.
   """
-  if actor not in ACTORS:
-    raise ValueError(f"rollout.actor: unknown actor {actor!r}; allowed: {list(ACTORS)}")
+  check_choice(actor, "rollout.actor", ACTORS)
   config.validate(env.max_obs_len, model.config.vocab_size)
   if env.max_action_len > config.max_action_len and actor == "expert":
-    raise ValueError(f"rollout.max_action_len: {config.max_action_len} is shorter than the expert's actions "
-                     f"({env.max_action_len} tokens)")
+    fail("rollout.max_action_len", f"{config.max_action_len} is shorter than the expert's actions "
+                                   f"({env.max_action_len} tokens)")
   obs_width = env.max_obs_len
   reset = jax.vmap(env.reset, in_axes=(0, None))
   env_step = jax.vmap(env.step, in_axes=(0, 0, 0, 0, None))
@@ -222,7 +244,7 @@ def make_rollout(model, env, config: RolloutConfig, actor: str = "model") -> Cal
     rs = begin(model, params, obs, obs_len, groups, config)
 
     def one_step(carry, step_key):
-      rs, env_state, info = carry
+      rs, env_state, success, parsed_steps = carry
       act_key, env_key, expert_key = jax.random.split(step_key, 3)
       forced = None
       if actor == "expert":
@@ -230,20 +252,20 @@ def make_rollout(model, env, config: RolloutConfig, actor: str = "model") -> Cal
         pad = config.max_action_len - tokens.shape[1]
         forced = (jnp.pad(tokens, ((0, 0), (0, pad))), lengths)
       rs, action, action_len, active = act(model, params, rs, act_key, config, obs_width, forced)
-      new_state, obs, obs_len, reward, term, trunc, step_info = env_step(
+      # A row that does not step (finished, or out of context: then its environment does not know it has ended) is
+      # marked done for its environment, whose `Environment.step` then keeps its state and returns an empty
+      # observation, zero reward, no flags and no parsed/success: the one place the environment's side of a
+      # finished row is masked (observe and the counts below rely on it).
+      env_state = env_state.replace(done=env_state.done | ~active)
+      env_state, obs, obs_len, reward, term, trunc, step_info = env_step(
           jax.random.split(env_key, b), env_state, action[:, :env_action_width(env, config)], action_len, env_params)
-      env_state = jax.tree_util.tree_map(
-          lambda new, old: jnp.where(active.reshape((-1,) + (1,) * (new.ndim - 1)), new, old), new_state, env_state)
-      rs = observe(model, params, rs, active, obs, obs_len, reward, term, trunc)
-      info = RolloutInfo(success=info.success | (active & step_info.success),
-                         parsed_steps=info.parsed_steps + (active & step_info.parsed),
-                         invalid_steps=info.invalid_steps + (active & ~step_info.parsed))
-      return (rs, env_state, info), None
+      rs = observe(model, params, rs, obs, obs_len, reward, term, trunc)
+      return (rs, env_state, success | step_info.success, parsed_steps + step_info.parsed), None
 
-    info = RolloutInfo(success=jnp.zeros((b,), bool), parsed_steps=jnp.zeros((b,), jnp.int32),
-                       invalid_steps=jnp.zeros((b,), jnp.int32))
-    (rs, _, info), _ = jax.lax.scan(one_step, (rs, env_state, info), jax.random.split(key, config.max_steps))
-    return finish(rs), info
+    carry = (rs, env_state, jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32))
+    (rs, _, success, parsed_steps), _ = jax.lax.scan(one_step, carry, jax.random.split(key, config.max_steps))
+    batch = finish(rs)
+    return batch, RolloutInfo.from_counts(batch, success, parsed_steps)
 
   return rollout
 
@@ -255,12 +277,21 @@ def env_action_width(env, config: RolloutConfig) -> int:
 
 
 def rollout(policy_params, env, env_params, key, config: RolloutConfig, model, actor: str = "model"):
-  """Convenience: build, jit and run the episode loop once. Prefer `make_rollout` + one `jax.jit` in loops."""
-  return jax.jit(make_rollout(model, env, config, actor))(policy_params, env_params, key)
+  """Convenience: build, jit and run the episode loop -> (EpisodeBatch, RolloutInfo). The jitted program is cached
+  per (model, env, config, actor), so calling this again with new params, env params or key does not retrace."""
+  return _jitted_rollout(model, env, config, actor)(policy_params, env_params, key)
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_rollout(model, env, config: RolloutConfig, actor: str) -> Callable:
+  """One jitted `make_rollout` per key: a flax module and the frozen config hash by value, an environment by
+  identity (its static settings live on the object), so equal arguments share one compiled program."""
+  return jax.jit(make_rollout(model, env, config, actor))
 
 
 def make_host_rollout(model, config: RolloutConfig, tokenizer) -> Callable:
-  """-> `host_rollout(params, pool, seeds, key, group_ids=None) -> (EpisodeBatch, RolloutInfo)` for host environments.
+  """-> `host_rollout(params, pool, seeds, key, group_ids=None, timings=None) -> (EpisodeBatch, HostRolloutInfo)`
+  for host environments.
 
   `pool` is a `stepjax.envs.host.HostEnvPool` (one env per row; len(pool) == config.batch_size). Each step calls the
   same jitted `act` / `observe` as the jitted loop; in between, the actions are decoded to text for the environments
@@ -272,8 +303,8 @@ def make_host_rollout(model, config: RolloutConfig, tokenizer) -> Callable:
   width = config.max_obs_len
   begin_fn = jax.jit(lambda params, obs, obs_len, groups: begin(model, params, obs, obs_len, groups, config))
   act_fn = jax.jit(lambda params, rs, key: act(model, params, rs, key, config, width))
-  observe_fn = jax.jit(lambda params, rs, active, obs, obs_len, reward, term, trunc: observe(
-      model, params, rs, active, obs, obs_len, reward, term, trunc))
+  observe_fn = jax.jit(lambda params, rs, obs, obs_len, reward, term, trunc: observe(
+      model, params, rs, obs, obs_len, reward, term, trunc))
   finish_fn = jax.jit(finish)
 
   def encode(observations, rows_ok):
@@ -304,8 +335,7 @@ def make_host_rollout(model, config: RolloutConfig, tokenizer) -> Callable:
                        f"{width} tokens; raise max_obs_len")
     groups = np.arange(b, dtype=np.int32) if group_ids is None else np.asarray(group_ids, np.int32)
     rs = begin_fn(params, first, lengths, groups)
-    success, parsed, invalid, obs_overflow = (np.zeros(b, bool), np.zeros(b, np.int32), np.zeros(b, np.int32),
-                                              np.zeros(b, bool))
+    success, parsed, obs_overflow = np.zeros(b, bool), np.zeros(b, np.int32), np.zeros(b, bool)
     for step_key in jax.random.split(key, config.max_steps):
       with clock("act"):
         rs, action, action_len, active = act_fn(params, rs, step_key)
@@ -323,14 +353,12 @@ def make_host_rollout(model, config: RolloutConfig, tokenizer) -> Callable:
       for i, r in enumerate(results):
         if r is not None:
           success[i] |= bool(r.info.get("success", False))
-          ok = bool(r.info.get("parsed", True))
-          parsed[i] += ok
-          invalid[i] += not ok
+          parsed[i] += bool(r.info.get("parsed", True))
       obs_overflow |= overflow
       with clock("observe"):
-        rs = jax.block_until_ready(observe_fn(params, rs, active, obs, obs_len, reward, term, trunc))
-    info = HostRolloutInfo(success=success, parsed_steps=parsed, invalid_steps=invalid, obs_overflow=obs_overflow)
-    return finish_fn(rs), info
+        rs = jax.block_until_ready(observe_fn(params, rs, obs, obs_len, reward, term, trunc))
+    batch = finish_fn(rs)
+    return batch, HostRolloutInfo.from_counts(batch, success, parsed, obs_overflow=obs_overflow)
 
   return host_rollout
 

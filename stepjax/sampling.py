@@ -1,15 +1,22 @@
 """KV-cache sampling: prefill, cache extension and a jitted `lax.while_loop` decode with per-row stops.
 
-Padding convention (one rule everywhere): every row of the cache is *right-aligned to nothing* — row b holds its
-own tokens in slots 0 .. lengths[b]-1, and slot == RoPE position == position in the packed `EpisodeBatch` row.
-Ragged inputs are passed right-padded with their true lengths (`chunk_lengths`); the padded tail is written into
-the cache but not counted, so the next write overwrites it. Prefill, appending an environment observation and
-decoding one token are therefore the same model call, and a multi-turn episode never re-encodes its history.
+Cache layout (one rule everywhere): rows are ragged and packed from slot 0, with no left padding. Row b holds its
+own tokens in slots 0 .. cache.lengths[b]-1, and slot == RoPE position == position in the packed `EpisodeBatch`
+row. Ragged inputs are passed right-padded with their true lengths (`chunk_lengths`): token i of row b goes to slot
+cache.lengths[b] + i, and the padded tail is written into the cache but not counted (no query attends past its own
+slot), so the next write overwrites it. Prefill, appending an environment observation and decoding one token are
+therefore the same model call, and a multi-turn episode never re-encodes its history.
+
+Two log-probs per sampled token (`DecodeOutput`): `logprobs` under the untempered, unfiltered model (log_softmax
+of the raw logits) — the policy the learner optimises, and what `EpisodeBatch.logprobs` stores — and
+`sample_logprobs` under the distribution actually sampled from (temperature, then top-k, then top-p; 0 when
+greedy). They coincide at temperature 1 without top-k / top-p. `score_and_extend` (teacher forcing) gives the
+former.
 
     cache = transformer.init_cache(config, batch, max_len)
     cache, logits = prefill(model, params, prompts, prompt_lengths, cache)          # logits of the next token
     out = decode(model, params, cache, logits, key, SamplingConfig(...), budget=...)  # one step's action
-    cache, logits = extend(model, params, obs_tokens, obs_lengths, out.cache)        # append the observation
+    cache, logits = extend(model, params, obs_tokens, obs_lengths, out.cache, out.next_logits)  # + observation
     out = decode(model, params, cache, logits, ...)                                  # next step ...
 
 `model` is any linen module with the Transformer's call signature
@@ -24,6 +31,8 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 from flax import struct
+
+from stepjax.checks import check_int, check_number, fail
 
 Array = Any
 NEG_INF = -1e30
@@ -48,19 +57,19 @@ class SamplingConfig:
   pad_id: int = 0
 
   def validate(self, vocab_size: int | None = None) -> "SamplingConfig":
-    if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-      raise ValueError(f"sampling.max_new_tokens: must be an int >= 1, got {self.max_new_tokens!r}")
-    if not self.greedy and not self.temperature > 0:
-      raise ValueError(f"sampling.temperature: must be > 0 (or set greedy=True), got {self.temperature!r}")
-    if not 0 < self.top_p <= 1:
-      raise ValueError(f"sampling.top_p: must lie in (0, 1], got {self.top_p!r}")
-    if self.top_k < 0 or (vocab_size is not None and self.top_k > vocab_size):
-      raise ValueError(f"sampling.top_k: must lie in [0, vocab_size={vocab_size}], got {self.top_k!r}")
+    """One line naming the field and what is allowed; `vocab_size` (if given) bounds top_k and the token ids."""
+    check_int(self.max_new_tokens, "sampling.max_new_tokens", 1)
+    if not self.greedy:
+      check_number(self.temperature, "sampling.temperature", lambda v: v > 0, "> 0 (or set greedy=True)")
+    check_number(self.top_p, "sampling.top_p", lambda v: 0 < v <= 1, "in (0, 1]")
+    check_int(self.top_k, "sampling.top_k", 0)
+    if vocab_size is not None and self.top_k > vocab_size:
+      fail("sampling.top_k", f"must lie in [0, vocab_size={vocab_size}], got {self.top_k!r}")
     if vocab_size is not None:
       for name, ids in (("stop_ids", self.stop_ids), ("pad_id", (self.pad_id,))):
         bad = [i for i in ids if not 0 <= i < vocab_size]
         if bad:
-          raise ValueError(f"sampling.{name}: ids must lie in [0, {vocab_size}), got {bad}")
+          fail(f"sampling.{name}", f"ids must lie in [0, {vocab_size}), got {bad}")
     return self
 
 
@@ -69,9 +78,10 @@ class DecodeOutput:
   """What one `decode` call produced. N = max_new_tokens.
 
     tokens          [B, N] int32  generated tokens, `pad_id` after each row's length.
-    logprobs        [B, N] float32  log-prob of each token under the policy (untempered logits), 0 on padding.
-    sample_logprobs [B, N] float32  log-prob under the distribution actually sampled from (tempered,
-                                    top-k/top-p filtered); 0 for greedy and on padding.
+    logprobs        [B, N] float32  log-prob of each token under the untempered, unfiltered model (the policy the
+                                    learner optimises; what the rollout stores), 0 on padding.
+    sample_logprobs [B, N] float32  log-prob under the distribution actually sampled from (temperature, top-k,
+                                    top-p: `filter_logits`); 0 for greedy and on padding.
     lengths         [B] int32     tokens generated per row (including the stop token).
     stopped         [B] bool      the row emitted a stop token (else it ran out of budget or cache).
     out_of_cache    [B] bool      the row stopped because its cache is full (its context overflowed).
@@ -107,7 +117,8 @@ def filter_logits(logits: Array, config: SamplingConfig) -> Array:
 
 
 def sample_token(key: Array, logits: Array, config: SamplingConfig) -> tuple[Array, Array, Array]:
-  """[B, V] logits -> (token [B] int32, policy log-prob [B], sampling log-prob [B])."""
+  """[B, V] logits -> (token [B] int32, its log-prob under the untempered, unfiltered logits [B], its log-prob under
+  the sampling distribution `filter_logits` [B] (0 when greedy))."""
   logits = logits.astype(jnp.float32)
   policy_logp = jax.nn.log_softmax(logits, axis=-1)
   if config.greedy:

@@ -18,12 +18,13 @@ class CountParams:
 class CountState:
   target: jax.Array
   count: jax.Array
-  steps: jax.Array
+  step_count: jax.Array
   done: jax.Array
 
 
 class CountEnv(Environment):
-  """'Count to n': say `next` n times, then `done` (reward 1 if the count is right)."""
+  """'Count to n': say `next` n times, then `done` (reward 1 if the count is right). The step budget and the no-op
+  after the end come from `Environment.step`."""
 
   name = "count"
   max_action_len = 8
@@ -43,20 +44,15 @@ class CountEnv(Environment):
     obs, n = self.fragments.compose(jnp.array([0, target, 4]), self.max_obs_len)
     return CountState(target, jnp.int32(0), jnp.int32(0), jnp.bool_(False)), obs, n
 
-  def step(self, key, state, action, action_len, params):
+  def step_env(self, key, state, action, action_len, params):
     cmd = self.commands.match(action, action_len)
-    live = ~state.done
     is_next, is_done, invalid = cmd == 0, cmd == 1, cmd < 0
     right = state.count == state.target
     frag = jnp.select([invalid, is_next, right], [6, 5, 7], 8)
     obs, n = self.fragments.compose(frag[None], self.max_obs_len)
-    steps = state.steps + live
-    terminated = live & is_done
-    truncated = live & ~terminated & (steps >= params.max_steps)
-    reward = jnp.where(terminated & right, 1.0, 0.0) + jnp.where(invalid, params.invalid_penalty, 0.0)
-    new = CountState(state.target, state.count + is_next, steps, state.done | terminated | truncated)
-    return (new, jnp.where(live, obs, 0), jnp.where(live, n, 0), jnp.where(live, reward, 0.0), terminated, truncated,
-            StepInfo(parsed=live & ~invalid, success=terminated & right))
+    reward = jnp.where(is_done & right, 1.0, 0.0) + jnp.where(invalid, params.invalid_penalty, 0.0)
+    return (state.replace(count=state.count + is_next), obs, n, reward, is_done,
+            StepInfo(parsed=~invalid, success=is_done & right))
 
   def expert_action(self, key, state, params):
     return self.commands.encode(jnp.where(state.count < state.target, 0, 1), self.max_action_len, self.end_of_step)

@@ -1,11 +1,13 @@
-"""Fragments and CommandTable: the token-space building blocks of pure-JAX environments."""
+"""Fragments and CommandTable, the token-space building blocks of pure-JAX environments, and the base class's
+template `step` (step budget, done, and the no-op after the end, applied once around `step_env`)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import struct
 
-from stepjax.envs.base import CommandTable, Fragments
+from stepjax.envs.base import CommandTable, Environment, Fragments, StepInfo
 from stepjax.tokenizers import ByteTokenizer
 
 TOK = ByteTokenizer(extra_special_tokens=("<think>", "</think>"))
@@ -68,3 +70,86 @@ def test_encode_round_trips_through_match():
     tokens, length = think.encode(jnp.int32(i), 40, TOK.end_of_step_id, prefix)
     assert int(think.match(tokens, length)) == i
     assert (np.asarray(tokens[length:]) == 0).all()
+
+
+@struct.dataclass
+class TickParams:
+  max_steps: int = 3
+
+
+@struct.dataclass
+class TickState:
+  ticks: jax.Array
+  step_count: jax.Array
+  done: jax.Array
+
+
+class TickEnv(Environment):
+  """Every step says [ticks, ticks] for reward 0.5; action token 7 ends the task. `step_env` knows nothing of the
+  budget or of finished episodes, and even writes nonsense into step_count / done: the base owns both."""
+
+  name = "tick"
+  max_obs_len = 2
+  max_action_len = 1
+
+  def __init__(self):
+    self.step_env_calls = 0
+
+  def default_params(self):
+    return TickParams()
+
+  def reset(self, key, params):
+    return TickState(jnp.int32(0), jnp.int32(0), jnp.bool_(False)), jnp.zeros(2, jnp.int32), jnp.int32(0)
+
+  def step_env(self, key, state, action, action_len, params):
+    self.step_env_calls += 1
+    ticks = state.ticks + 1
+    finish = action[0] == 7
+    next_state = state.replace(ticks=ticks, step_count=jnp.int32(-5), done=jnp.bool_(False))
+    return (next_state, jnp.stack([ticks, ticks]), jnp.int32(2), jnp.float32(0.5), finish,
+            StepInfo(parsed=jnp.bool_(True), success=finish))
+
+
+def _tick(env, state, token, params=TickParams()):
+  return env.step(jax.random.key(0), state, jnp.asarray([token], jnp.int32), jnp.int32(1), params)
+
+
+def test_base_step_counts_truncates_at_the_budget_and_is_a_no_op_after_the_end():
+  env = TickEnv()
+  state, _, _ = env.reset(jax.random.key(0), env.default_params())
+  for t in range(1, 4):
+    assert bool(env.is_last_step(state, env.default_params())) == (t == 3)
+    state, obs, obs_len, reward, terminated, truncated, info = _tick(env, state, 0)
+    assert int(state.step_count) == t and int(state.ticks) == t  # counted once per step, whatever step_env wrote
+    assert list(np.asarray(obs)) == [t, t] and int(obs_len) == 2 and float(reward) == 0.5
+    assert not bool(terminated) and bool(truncated) == (t == 3) and bool(state.done) == (t == 3)
+    assert bool(info.parsed) and not bool(info.success)
+  # A finished episode: the old state, an empty observation, zero reward, no flags, nothing parsed or achieved.
+  for token in (0, 7):
+    after, obs, obs_len, reward, terminated, truncated, info = _tick(env, state, token)
+    assert jax.tree_util.tree_all(jax.tree_util.tree_map(lambda a, b: bool(jnp.all(a == b)), after, state))
+    assert not np.asarray(obs).any() and int(obs_len) == 0 and float(reward) == 0.0
+    assert obs.dtype == jnp.int32 and obs_len.dtype == jnp.int32 and reward.dtype == jnp.float32
+    assert not (bool(terminated) or bool(truncated) or bool(info.parsed) or bool(info.success))
+  assert env.step_env_calls == 5  # once per step; the base adds the budget and the no-op around it
+
+
+def test_base_step_terminating_on_the_last_step_is_not_truncated():
+  env = TickEnv()
+  state, _, _ = env.reset(jax.random.key(0), env.default_params())
+  step = jax.jit(lambda state, token: _tick(env, state, token))  # traced: the same rules inside jit
+  state, *_ = step(state, 0)
+  state, *_ = step(state, 0)
+  state, _, _, _, terminated, truncated, info = step(state, 7)
+  assert bool(terminated) and not bool(truncated) and bool(info.success) and bool(state.done)
+  assert int(state.step_count) == 3
+  # Before the budget a terminating step ends the episode too; a budget of 1 truncates the very first step.
+  fresh, _, _ = env.reset(jax.random.key(0), env.default_params())
+  ended, _, _, _, terminated, truncated, _ = _tick(env, fresh, 7)
+  assert bool(terminated) and not bool(truncated) and bool(ended.done)
+  ended, _, _, _, terminated, truncated, _ = _tick(env, fresh, 0, TickParams(max_steps=1))
+  assert not bool(terminated) and bool(truncated) and bool(ended.done)
+
+
+def test_step_is_final():
+  assert getattr(Environment.step, "__final__", False)

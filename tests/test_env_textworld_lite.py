@@ -113,7 +113,7 @@ def test_expert_on_hard_and_easy_layouts():
   assert np.all(easy["state"].room_active[:, 0].sum(axis=1) == 2)
   assert np.all((easy["state"].object_location[:, 0] >= 0).sum(axis=1) == 1)
   assert hard["state"].door_open[:, 0].sum() == 0
-  assert easy["final_state"].steps.mean() < hard["final_state"].steps.mean()
+  assert easy["final_state"].step_count.mean() < hard["final_state"].step_count.mean()
 
 
 @pytest.mark.parametrize("kind", ["plain", "full"])
@@ -170,7 +170,7 @@ def hand_made_state() -> TextWorldLiteState:
       door_active=jnp.array([True, True, False]), door_open=jnp.array([True, False, False]),
       container_room=jnp.array([1, 0], jnp.int32), container_open=jnp.array([False, True]),
       object_location=jnp.array([4, 5, -1], jnp.int32), player_room=jnp.int32(0), goal_is_put=jnp.bool_(True),
-      goal_object=jnp.int32(0), goal_target=jnp.int32(1), steps=jnp.int32(0), done=jnp.bool_(False))
+      goal_object=jnp.int32(0), goal_target=jnp.int32(1), step_count=jnp.int32(0), done=jnp.bool_(False))
 
 
 @functools.lru_cache(maxsize=None)
@@ -222,7 +222,7 @@ def test_hand_checked_observations():
     assert float(reward) == pytest.approx(expected_reward)
     assert bool(info.parsed) == (text != "dance")
   assert bool(terminated) and bool(info.success) and not bool(truncated) and bool(state.done)
-  assert int(state.steps) == len(script)
+  assert int(state.step_count) == len(script)
 
 
 def test_render_names_the_goal_and_rooms():
@@ -248,8 +248,9 @@ def test_invalid_actions_change_nothing_but_the_step_count():
     assert decode(env, obs, obs_len) == (ILLEGAL if info.parsed else UNKNOWN) + "> ", text
     assert float(reward) == pytest.approx(-0.1)
     assert not bool(terminated) and not bool(truncated)
-    assert int(next_state.steps) == 1
-    for before, after in zip(jax.tree.leaves(state.replace(steps=0)), jax.tree.leaves(next_state.replace(steps=0))):
+    assert int(next_state.step_count) == 1
+    for before, after in zip(jax.tree.leaves(state.replace(step_count=0)),
+                             jax.tree.leaves(next_state.replace(step_count=0))):
       np.testing.assert_array_equal(before, after)
   penalty = env.default_params().replace(invalid_penalty=-0.5)
   assert float(act(env, state, "dance", penalty)[3]) == pytest.approx(-0.5)
@@ -324,7 +325,7 @@ def test_random_token_actions_never_break_the_env(tokens, length, episode, step)
   assert 0 <= obs_len < env.max_obs_len and np.all(obs[obs_len:] == 0)
   assert obs.min() >= 0 and obs.max() < env.tokenizer.vocab_size
   assert reward in (np.float32(-0.1), 0.0, 1.0) or (state.done and reward == 0.0)
-  assert next_state.steps in (state.steps, state.steps + 1)
+  assert next_state.step_count in (state.step_count, state.step_count + 1)
   assert np.all((next_state.object_location >= -1) & (next_state.object_location <= env.carried))
   assert 0 <= next_state.player_room < env.num_rooms and next_state.room_active[next_state.player_room]
   if not info.parsed and not state.done:

@@ -70,6 +70,7 @@ def test_expert_replay_is_token_exact_and_valid():
   batch, info = _rollout(CONFIG, "expert")(PARAMS, ENV.default_params(), jax.random.key(7))
   batch = jax.tree_util.tree_map(np.asarray, batch).validate()
   assert np.asarray(info.success).all() and (np.asarray(info.invalid_steps) == 0).all()
+  np.testing.assert_array_equal(info.parsed_steps, batch.step_mask.sum(1))
   assert batch.terminated.all() and not batch.truncated.any()
   np.testing.assert_allclose(batch.episode_returns(), 1.0)
   for row in range(CONFIG.batch_size):
@@ -100,6 +101,9 @@ def test_sampled_rollout_matches_packed_forward_and_env():
   # An untrained model speaks garbage: every step is invalid, so each row runs until the step budget or until the
   # context has no room for another whole step (both truncate).
   assert not np.asarray(info.success).any() and batch.truncated.all()
+  # Garbage never parses: every step taken is invalid.
+  np.testing.assert_array_equal(info.invalid_steps, batch.step_mask.sum(1))
+  assert not np.asarray(info.parsed_steps).any()
   steps = batch.step_mask.sum(1)
   no_room = batch.seq_len + CONFIG.max_action_len + ENV.max_obs_len > CONFIG.max_len
   assert ((steps == CONFIG.max_steps) | no_room).all()
@@ -111,7 +115,7 @@ def test_context_overflow_truncates_without_dropping_tokens():
   # steps (10 tokens each) fit twice, so 1-count tasks (2 steps) finish and the others run out of context.
   max_len = 2 * ENV.max_obs_len + CONFIG.max_action_len + 15
   config = CONFIG.__class__(**{**CONFIG.__dict__, "max_len": max_len})
-  batch, _ = _rollout(config, "expert")(PARAMS, ENV.default_params().replace(max_steps=8), jax.random.key(7))
+  batch, info = _rollout(config, "expert")(PARAMS, ENV.default_params().replace(max_steps=8), jax.random.key(7))
   batch = jax.tree_util.tree_map(np.asarray, batch).validate()
   # Every episode either finished its task or stopped exactly when no room for a whole step was left.
   np.testing.assert_array_equal(batch.truncated, ~batch.terminated)
@@ -120,6 +124,14 @@ def test_context_overflow_truncates_without_dropping_tokens():
   assert batch.truncated.any() and batch.terminated.any() and (batch.seq_len <= max_len).all()
   for row in range(config.batch_size):
     assert _observations_in_batch(batch, row) == _replay_on_host(batch, row, ENV.default_params())
+  # Rows out of context keep stepping the scan, but their environments (which had not ended: nothing was
+  # terminated or truncated by them) are marked done, so `Environment.step` is the one mask: nothing past a row's
+  # last step is written, rewarded, flagged or counted.
+  assert (batch.tokens[np.arange(max_len)[None] >= batch.seq_len[:, None]] == 0).all()
+  assert not batch.step_rewards[~batch.step_mask].any()
+  np.testing.assert_array_equal(np.asarray(info.success), batch.terminated)
+  np.testing.assert_array_equal(info.parsed_steps, batch.step_mask.sum(1))
+  assert not np.asarray(info.invalid_steps).any()
 
 
 def test_step_budget_truncates():
@@ -142,8 +154,30 @@ def test_config_errors_before_compiling(field, kwargs, message):
   config = CONFIG.__class__(**{**CONFIG.__dict__, **kwargs})
   with pytest.raises(ValueError, match=message):
     rollout_lib.make_rollout(MODEL, ENV, config)
-  with pytest.raises(ValueError, match="rollout.actor: unknown actor 'human'"):
+  with pytest.raises(ValueError, match="rollout.actor: unknown 'human'; allowed: model, expert"):
     rollout_lib.make_rollout(MODEL, ENV, CONFIG, "human")
+
+
+def test_rollout_convenience_compiles_once():
+  """`rollout.rollout` caches its jitted program: a second call with new params, env params and key does not
+  retrace (the environment's reset runs on the host only while tracing)."""
+  traces = []
+
+  class TracedCountEnv(CountEnv):
+    def reset(self, key, params):
+      traces.append(key)
+      return super().reset(key, params)
+
+  env = TracedCountEnv(TOK)
+  config = CONFIG.__class__(**{**CONFIG.__dict__, "num_tasks": 2, "episodes_per_task": 1, "max_steps": 2})
+  first, _ = rollout_lib.rollout(PARAMS, env, env.default_params(), jax.random.key(1), config, MODEL, "expert")
+  params = jax.tree_util.tree_map(lambda x: x * 0.5, PARAMS)
+  second, _ = rollout_lib.rollout(params, env, env.default_params().replace(max_steps=1), jax.random.key(2), config,
+                                  MODEL, "expert")
+  assert len(traces) == 1
+  # The cached program still computes with the new arguments: a budget of 1 truncates every episode after a step.
+  assert np.asarray(second.truncated).all() and (np.asarray(second.step_mask).sum(1) == 1).all()
+  assert not np.array_equal(np.asarray(first.logprobs), np.asarray(second.logprobs))
 
 
 def test_host_loop_reproduces_the_jitted_loop():
@@ -152,7 +186,7 @@ def test_host_loop_reproduces_the_jitted_loop():
 
   config = CONFIG.__class__(**{**CONFIG.__dict__, "greedy": True, "max_obs_len": ENV.max_obs_len})
   key = jax.random.key(11)
-  jitted, _ = _rollout(config, "model")(PARAMS, ENV.default_params(), key)
+  jitted, jitted_info = _rollout(config, "model")(PARAMS, ENV.default_params(), key)
   reset_keys, groups = rollout_lib.task_keys_and_groups(jax.random.split(key)[0], config)
   envs = [JaxEnvAsHost(ENV, ENV.default_params(), seed_to_key=lambda row: reset_keys[row])
           for _ in range(config.batch_size)]
@@ -164,3 +198,6 @@ def test_host_loop_reproduces_the_jitted_loop():
     np.testing.assert_array_equal(np.asarray(getattr(hosted, field)), np.asarray(getattr(jitted, field)), err_msg=field)
   np.testing.assert_allclose(np.asarray(hosted.logprobs), np.asarray(jitted.logprobs), atol=1e-5)
   assert not np.asarray(info.obs_overflow).any()
+  for field in ("success", "parsed_steps", "invalid_steps"):
+    np.testing.assert_array_equal(np.asarray(getattr(info, field)), np.asarray(getattr(jitted_info, field)),
+                                  err_msg=field)

@@ -61,8 +61,16 @@ def test_sampled_logprobs_equal_full_forward():
     for j in range(n_gen[i]):
       pos = lengths[i] + j
       np.testing.assert_allclose(lp[i, j], full[i, pos - 1, seqs[i][pos]], atol=1e-5)
-  # The sampling log-probs (tempered, filtered distribution) are finite for every sampled token.
-  assert np.isfinite(np.asarray(out.sample_logprobs)).all()
+  # The sampling log-probs (tempered, filtered distribution) are finite for every sampled token, and they are the
+  # log-probs of that distribution (`filter_logits` of the same logits; a shift of the logits changes nothing), not
+  # the policy's: at temperature 1.3 with top-k / top-p the two differ.
+  slp = np.asarray(out.sample_logprobs)
+  assert np.isfinite(slp).all()
+  for i in range(B):
+    positions = lengths[i] - 1 + np.arange(n_gen[i])
+    sampled = np.asarray(jax.nn.log_softmax(sampling.filter_logits(jnp.asarray(full[i, positions]), config)))
+    np.testing.assert_allclose(slp[i, :n_gen[i]], sampled[np.arange(n_gen[i]), gen[i, :n_gen[i]]], atol=1e-4)
+  assert not np.allclose(slp, lp, atol=1e-3)
   # next_logits continue the sequence: they equal the full forward's last-position logits.
   for i in range(B):
     np.testing.assert_allclose(jax.nn.log_softmax(out.next_logits[i]), full[i, len(seqs[i]) - 1], atol=1e-5)
@@ -223,9 +231,10 @@ def test_filter_logits_matches_numpy():
     np.testing.assert_allclose(g[keep], x[keep], rtol=1e-6)
 
 
-@pytest.mark.parametrize("kwargs,field", [({"max_new_tokens": 0}, "max_new_tokens"), ({"temperature": 0.0}, "temperature"),
-                                          ({"top_p": 0.0}, "top_p"), ({"top_k": 999}, "top_k"),
-                                          ({"stop_ids": (64,)}, "stop_ids")])
+@pytest.mark.parametrize("kwargs,field", [({"max_new_tokens": 0}, "max_new_tokens"),
+                                          ({"temperature": 0.0}, "temperature"), ({"top_p": 0.0}, "top_p"),
+                                          ({"top_k": 999}, "top_k"), ({"top_k": -1}, "top_k"),
+                                          ({"stop_ids": (64,)}, "stop_ids"), ({"pad_id": -1}, "pad_id")])
 def test_config_errors_name_the_field(kwargs, field):
   with pytest.raises(ValueError, match=f"sampling.{field}"):
     sampling.SamplingConfig(**kwargs).validate(vocab_size=64)

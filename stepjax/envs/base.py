@@ -8,7 +8,9 @@ one episode that the rollout `vmap`s and `jit`s:
     state, obs, obs_len, reward, terminated, truncated, info = env.step(key, state, action, action_len, params)
 
 `obs` is a fixed-size [env.max_obs_len] int32 buffer holding `obs_len` token ids; `action` is [A] int32 holding
-`action_len` ids exactly as the model generated them (end-of-step token included).
+`action_len` ids exactly as the model generated them (end-of-step token included). `step` is the base class's
+template method: an environment writes `step_env` (one transition of a running episode) and the base adds the step
+budget and the no-op after the end of an episode, once for every environment (see `Environment`).
 
 Token space, not text: observations are built from text fragments tokenised ONCE at construction with the run's
 tokenizer (`Fragments`), and actions are parsed by matching their ids against the tokenised forms of every
@@ -19,6 +21,7 @@ simply not understood, like any other unparseable action: it gets the environmen
 
 from __future__ import annotations
 
+import typing
 from typing import Any, Sequence
 
 import jax
@@ -26,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from stepjax.checks import fail
 from stepjax.tokenizers import Tokenizer, pad_batch
 
 Array = Any
@@ -98,8 +102,8 @@ class CommandTable:
       specials = tokenizer.special_ids
       missing = [t for t in ("<think>", "</think>") if t not in specials]
       if missing:
-        raise ValueError(f"step_format: 'think' needs the special tokens {missing} in the tokenizer "
-                         f"(e.g. ByteTokenizer(extra_special_tokens=('<think>', '</think>')))")
+        fail("step_format", f"'think' needs the special tokens {missing} in the tokenizer "
+                            f"(e.g. ByteTokenizer(extra_special_tokens=('<think>', '</think>')))")
       self.think_open, self.think_close = specials["<think>"], specials["</think>"]
 
   def text(self, index: int) -> str:
@@ -145,8 +149,27 @@ class CommandTable:
 
 
 class Environment:
-  """Base class of pure-JAX token environments. Subclasses set `name`, `max_obs_len`, `max_action_len`, and
-  implement `default_params`, `reset`, `step`, `expert_action` and `render`."""
+  """Base class of pure-JAX token environments; `step` is a template method (gymnax's `step` / `step_env` split).
+
+  A subclass sets `name`, `max_obs_len` and `max_action_len`, and implements `default_params`, `reset`, `step_env`,
+  `expert_action` and `render`. The contract:
+
+    params  a `flax.struct` dataclass with a `max_steps` field: the step budget (may be traced).
+    state   a `flax.struct` dataclass with the fields `step_count` ([] int32, steps taken) and `done` ([] bool,
+            terminated or truncated); `reset` sets them to 0 and False, and afterwards only `step` changes them
+            (and the jitted rollout, which sets `done` on a row that ran out of context so that stepping it is
+            the same no-op).
+    step_env(key, state, action [A] int32, action_len [], params)
+            -> (next_state, obs [max_obs_len] int32, obs_len [] int32, reward [] float, terminated [] bool,
+                StepInfo): one transition of a running episode, computed unconditionally (branchless). It knows
+            nothing of the budget or of finished episodes: whatever it leaves in next_state's `step_count` and
+            `done` is overwritten. An observation that must say whether the episode goes on (a prompt cue) reads
+            `is_last_step`.
+
+  `step` (final: override `step_env`, never `step`) calls `step_env` and then, exactly once for every environment,
+  counts the step, truncates the step that reaches `params.max_steps` unless it terminated, sets `done`, and makes
+  stepping a finished episode a no-op (`unless_done`): the old state, an empty observation, zero reward, no flags.
+  """
 
   name: str = "environment"
   max_obs_len: int
@@ -158,8 +181,23 @@ class Environment:
   def reset(self, key: Array, params: Any) -> tuple[Any, Array, Array]:
     raise NotImplementedError
 
-  def step(self, key: Array, state: Any, action: Array, action_len: Array, params: Any):
+  def step_env(self, key: Array, state: Any, action: Array, action_len: Array, params: Any):
+    """-> (next_state, obs [max_obs_len] int32, obs_len, reward, terminated, StepInfo); see the class docstring."""
     raise NotImplementedError
+
+  @typing.final
+  def step(self, key: Array, state: Any, action: Array, action_len: Array, params: Any):
+    """action [A] int32 (A any), action_len [] -> (state, obs [max_obs_len] int32, obs_len int32, reward float32,
+    terminated bool, truncated bool, StepInfo). A finished episode stays as it is: empty obs, zero reward, no flags."""
+    next_state, obs, obs_len, reward, terminated, info = self.step_env(key, state, action, action_len, params)
+    terminated = jnp.asarray(terminated, bool)  # `~` of a Python bool is an int
+    truncated = ~terminated & self.is_last_step(state, params)
+    next_state = next_state.replace(step_count=state.step_count + 1, done=terminated | truncated)
+    return unless_done(state, next_state, obs, obs_len, reward, terminated, truncated, info)
+
+  def is_last_step(self, state: Any, params: Any) -> Array:
+    """[] bool: the step taken from `state` uses up the budget (`step` truncates it unless it terminates)."""
+    return state.step_count + 1 >= params.max_steps
 
   def expert_action(self, key: Array, state: Any, params: Any) -> tuple[Array, Array]:
     """The scripted expert's next action as (tokens [max_action_len], length), pure JAX."""
@@ -181,7 +219,7 @@ class StepInfo:
 def unless_done(state, next_state, obs, obs_len, reward, terminated, truncated, info):
   """Stepping a finished episode is a no-op: the old state, an empty observation, zero reward, no flags.
 
-  Environments compute their step unconditionally (branchless) and pass everything through this at the end;
+  `Environment.step` passes every step through this once (environments compute their step unconditionally);
   `state` must have a boolean `done` field.
   """
   was_done = state.done

@@ -46,7 +46,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from stepjax.envs.base import CommandTable, Environment, Fragments, StepInfo, host_array, unless_done
+from stepjax.checks import check_choice, check_int, fail
+from stepjax.envs.base import CommandTable, Environment, Fragments, StepInfo, host_array
 from stepjax.tokenizers import Tokenizer
 
 Array = Any
@@ -93,8 +94,8 @@ class GridNavState:
   key_position: Array  # [2] int32 (= the start when no key is needed)
   needs_key: Array  # [] bool
   has_key: Array  # [] bool
-  step_count: Array  # [] int32
-  done: Array  # [] bool
+  step_count: Array  # [] int32: steps taken (counted by `Environment.step`)
+  done: Array  # [] bool: terminated or truncated (set by `Environment.step`)
   success: Array  # [] bool
   fell: Array  # [] bool
 
@@ -111,10 +112,9 @@ class GridNav(Environment):
 
   def __init__(self, tokenizer: Tokenizer, *, max_size: int = 7, max_obs_len: int | None = None,
                max_action_len: int | None = None, step_format: str = "plain"):
-    if step_format not in STEP_FORMATS:
-      raise ValueError(f"step_format: expected one of {STEP_FORMATS}, got {step_format!r}")
-    if not 3 <= max_size <= 10:  # Coordinates are written as single digits.
-      raise ValueError(f"max_size: expected 3 ... 10, got {max_size}")
+    check_choice(step_format, "step_format", STEP_FORMATS)
+    if not 3 <= check_int(max_size, "max_size") <= 10:  # Coordinates are written as single digits.
+      fail("max_size", f"expected 3 ... 10, got {max_size}")
     self.tokenizer = tokenizer
     self.max_size = max_size
     self.step_format = step_format
@@ -162,14 +162,14 @@ class GridNav(Environment):
     self.max_obs_lens = {kind: self.fragments.max_len_of(slots) for kind, slots in worst_cases.items()}
     worst = max(self.max_obs_lens.values())
     if max_obs_len is not None and max_obs_len < worst:
-      raise ValueError(f"max_obs_len: an observation can take {worst} tokens with this tokenizer, got {max_obs_len}")
+      fail("max_obs_len", f"an observation can take {worst} tokens with this tokenizer, got {max_obs_len}")
     self.max_obs_len = worst if max_obs_len is None else max_obs_len
 
     longest_think = max(len(self._think_key_ids), len(self._think_goal_ids))
     expert_len = longest_think + int(self.commands.lengths.max()) + 1
     self.max_action_len = (24 if step_format == "plain" else 64) if max_action_len is None else max_action_len
     if self.max_action_len < expert_len:
-      raise ValueError(f"max_action_len: the expert's actions take up to {expert_len} tokens, got {max_action_len}")
+      fail("max_action_len", f"the expert's actions take up to {expert_len} tokens, got {max_action_len}")
 
   def default_params(self) -> GridNavParams:
     return GridNavParams()
@@ -288,9 +288,10 @@ class GridNav(Environment):
     obs, obs_len = self.fragments.compose(self._initial_slots(state), self.max_obs_len)
     return state, obs, obs_len
 
-  def step(self, key: Array, state: GridNavState, action: Array, action_len: Array, params: GridNavParams):
-    """action [A] int32 (A any), action_len [] -> (state, obs [max_obs_len] int32, obs_len, reward float32,
-    terminated, truncated, StepInfo). A finished episode stays as it is: empty obs, zero reward, no flags."""
+  def step_env(self, key: Array, state: GridNavState, action: Array, action_len: Array, params: GridNavParams):
+    """One transition of a running episode (`Environment.step` adds the step budget and the no-op after the end):
+    action [A] int32 (A any), action_len [] -> (state, obs [max_obs_len] int32, obs_len, reward, terminated,
+    StepInfo)."""
     del key  # Deterministic transitions.
     command = self.commands.match(action, action_len)
     parsed = command >= 0
@@ -303,12 +304,10 @@ class GridNav(Environment):
     took_key = moved & (target_kind == KEY)
     fell = moved & (target_kind == HOLE)
     reached = moved & (target_kind == GOAL)
-    step_count = state.step_count + 1
     terminated = fell | reached
-    truncated = ~terminated & (step_count >= params.max_steps)
     reward = jnp.where(reached, SUCCESS_REWARD, 0.0) + jnp.where(parsed, 0.0, params.invalid_penalty)
     next_state = state.replace(position=jnp.where(moved, target, state.position), has_key=state.has_key | took_key,
-                               step_count=step_count, done=terminated | truncated, success=reached, fell=fell)
+                               success=reached, fell=fell)
 
     status = jnp.where(blocked, self._status0 + BLOCKED,
                        jnp.where(locked, self._status0 + LOCKED, jnp.where(took_key, self._status0 + TOOK_KEY, -1)))
@@ -317,7 +316,7 @@ class GridNav(Environment):
     invalid_slots = self._pad_slots([self._invalid])
     slots = jnp.where(terminated, end_slots, jnp.where(parsed, move_slots, invalid_slots))
     obs, obs_len = self.fragments.compose(slots, self.max_obs_len)
-    return unless_done(state, next_state, obs, obs_len, reward, terminated, truncated, StepInfo(parsed, reached))
+    return next_state, obs, obs_len, reward, terminated, StepInfo(parsed, reached)
 
   def expert_action(self, key: Array, state: GridNavState, params: GridNavParams) -> tuple[Array, Array]:
     """One step along a shortest path to the key while it is needed, then to the goal (ties: north, south, east,

@@ -36,7 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from stepjax.envs.base import CommandTable, Environment, Fragments, StepInfo, host_array, unless_done
+from stepjax.checks import check_choice, check_int, fail
+from stepjax.envs.base import CommandTable, Environment, Fragments, StepInfo, host_array
 from stepjax.tokenizers import Tokenizer
 
 Array = Any
@@ -91,8 +92,8 @@ class LookupQAState:
   hops: Array  # [] int32
   searched: Array  # [N] bool: entities the agent has searched
   answered: Array  # [] int32: the entity answered, -1 before the answer
-  step_count: Array  # [] int32
-  done: Array  # [] bool
+  step_count: Array  # [] int32: steps taken (counted by `Environment.step`)
+  done: Array  # [] bool: terminated or truncated (set by `Environment.step`)
   success: Array  # [] bool
 
 
@@ -108,13 +109,10 @@ class LookupQA(Environment):
 
   def __init__(self, tokenizer: Tokenizer, *, num_entities: int = 32, max_hops: int = 4,
                max_obs_len: int | None = None, max_action_len: int | None = None, step_format: str = "plain"):
-    if step_format not in STEP_FORMATS:
-      raise ValueError(f"step_format: expected one of {STEP_FORMATS}, got {step_format!r}")
-    if max_hops < 1:
-      raise ValueError(f"max_hops: expected >= 1, got {max_hops}")
-    if not max_hops + 1 <= num_entities <= len(ENTITY_NAMES):
-      raise ValueError(f"num_entities: expected max_hops + 1 = {max_hops + 1} ... {len(ENTITY_NAMES)}, "
-                       f"got {num_entities}")
+    check_choice(step_format, "step_format", STEP_FORMATS)
+    check_int(max_hops, "max_hops", 1)
+    if not max_hops + 1 <= check_int(num_entities, "num_entities") <= len(ENTITY_NAMES):
+      fail("num_entities", f"expected max_hops + 1 = {max_hops + 1} ... {len(ENTITY_NAMES)}, got {num_entities}")
     self.tokenizer = tokenizer
     self.num_entities = num_entities
     self.max_hops = max_hops
@@ -167,14 +165,14 @@ class LookupQA(Environment):
     self.max_obs_lens = {kind: self.fragments.max_len_of(slots) for kind, slots in worst_cases.items()}
     worst = max(self.max_obs_lens.values())
     if max_obs_len is not None and max_obs_len < worst:
-      raise ValueError(f"max_obs_len: an observation can take {worst} tokens with this tokenizer, got {max_obs_len}")
+      fail("max_obs_len", f"an observation can take {worst} tokens with this tokenizer, got {max_obs_len}")
     self.max_obs_len = worst if max_obs_len is None else max_obs_len
 
     longest_think = max(len(self._think_search_ids), len(self._think_answer_ids))
     expert_len = longest_think + int(self.commands.lengths.max()) + 1
     self.max_action_len = (24 if step_format == "plain" else 64) if max_action_len is None else max_action_len
     if self.max_action_len < expert_len:
-      raise ValueError(f"max_action_len: the expert's actions take up to {expert_len} tokens, got {max_action_len}")
+      fail("max_action_len", f"the expert's actions take up to {expert_len} tokens, got {max_action_len}")
 
   def default_params(self) -> LookupQAParams:
     return LookupQAParams()
@@ -234,9 +232,10 @@ class LookupQA(Environment):
     obs, obs_len = self.fragments.compose(self._question_slots(state), self.max_obs_len)
     return state, obs, obs_len
 
-  def step(self, key: Array, state: LookupQAState, action: Array, action_len: Array, params: LookupQAParams):
-    """action [A] int32 (A any), action_len [] -> (state, obs [max_obs_len] int32, obs_len, reward float32,
-    terminated, truncated, StepInfo). A finished episode stays as it is: empty obs, zero reward, no flags."""
+  def step_env(self, key: Array, state: LookupQAState, action: Array, action_len: Array, params: LookupQAParams):
+    """One transition of a running episode (`Environment.step` adds the step budget and the no-op after the end):
+    action [A] int32 (A any), action_len [] -> (state, obs [max_obs_len] int32, obs_len, reward, terminated,
+    StepInfo)."""
     del key  # Deterministic transitions.
     n = self.num_entities
     command = self.commands.match(action, action_len)
@@ -246,9 +245,7 @@ class LookupQA(Environment):
     is_answer = parsed & (command >= n)
     answer = state.chain[state.hops]
     correct = is_answer & (entity == answer)
-    step_count = state.step_count + 1
-    terminated = is_answer
-    truncated = ~terminated & (step_count >= params.max_steps)
+    terminated = is_answer  # an answer, right or wrong, ends the episode
     reward = jnp.where(correct, SUCCESS_REWARD, 0.0) + jnp.where(parsed, 0.0, params.invalid_penalty)
 
     invalid_slots = self._pad_slots(jnp.asarray([self._invalid], jnp.int32))
@@ -256,9 +253,8 @@ class LookupQA(Environment):
                       jnp.where(is_answer, self._answer_slots(correct, answer), invalid_slots))
     obs, obs_len = self.fragments.compose(slots, self.max_obs_len)
     next_state = state.replace(searched=state.searched.at[entity].set(state.searched[entity] | is_search),
-                               answered=jnp.where(is_answer, entity, state.answered), step_count=step_count,
-                               done=terminated | truncated, success=correct)
-    return unless_done(state, next_state, obs, obs_len, reward, terminated, truncated, StepInfo(parsed, correct))
+                               answered=jnp.where(is_answer, entity, state.answered), success=correct)
+    return next_state, obs, obs_len, reward, terminated, StepInfo(parsed, correct)
 
   def expert_action(self, key: Array, state: LookupQAState, params: LookupQAParams) -> tuple[Array, Array]:
     """Search the first chain entity not searched yet, in chain order; answer once all of them are.
