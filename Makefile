@@ -4,8 +4,6 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# Sharding tests see 8 fake CPU devices.
-TEST_XLA_FLAGS := --xla_force_host_platform_device_count=8
 
 .PHONY: demo test bench lock clean
 
@@ -20,9 +18,10 @@ $(STAMP): setup.py constraints.txt
 demo: $(STAMP)
 	$(PY) experiments/ablation.py --name=demo --methods=steppo,token_ppo,grpo --seeds=3
 
-# Two workers (one per core); whole files per worker so each file's compiled functions are reused.
+# Two workers (one per core); whole files per worker so each file's compiled functions are reused. tests/conftest.py
+# gives every run 8 fake CPU devices for the mesh tests.
 test: $(STAMP)
-	XLA_FLAGS=$(TEST_XLA_FLAGS) $(PY) -m pytest -n 2 --dist loadfile tests
+	$(PY) -m pytest -n 2 --dist loadfile tests
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.credit

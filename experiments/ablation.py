@@ -68,33 +68,35 @@ def method_config(method: str, overrides: dict):
 
 
 def study_configs(methods, seeds: int, overrides: dict) -> list:
-  """Every method's config, checked (`runner.build`) before anything compiles."""
-  configs = []
+  """Every method's `runner.Setup`, built (every field checked) before anything compiles."""
+  setups = []
   for method in methods:
     config = method_config(method, overrides)
     config.train.seeds = seeds
-    runner.build(config)
-    configs.append(config)
-  first = configs[0]
-  for config in configs[1:]:
+    setups.append(runner.build(config))
+  first = setups[0].config
+  for config in (setup.config for setup in setups[1:]):
     for section in SHARED_SECTIONS:
       if str(config[section]) != str(first[section]):
         raise ValueError(f"methods: {config.name!r} and {first.name!r} differ in {section!r}; the methods of a study "
                          "share environment, model, rollout, SFT and training settings")
-  return configs
+  return setups
 
 
-def run_study(name: str, configs: list, runs_dir: str = "runs", *, print_fn=print) -> dict:
-  """Runs every config (SFT start shared), writes the results files; returns report.write_results' paths + rows."""
+def run_study(name: str, setups: list, runs_dir: str = "runs", *, print_fn=print) -> dict:
+  """Runs every method's setup (SFT start shared), writes the results files; returns report.write_results' paths +
+  rows."""
   out_dir = os.path.join(runs_dir, name)
   os.makedirs(out_dir, exist_ok=True)
   start = time.perf_counter()
-  first = runner.build(configs[0])
-  sft_params = runner.sft_warm_start(first, progress=configs[0].log.progress,
-                                     log=lambda line: runner._append_jsonl(os.path.join(out_dir, "sft.jsonl"), line))
+  configs = [setup.config for setup in setups]
+  sft_params = runner.warm_start(setups[0], progress=configs[0].log.progress,
+                                 log=lambda line: runner._append_jsonl(os.path.join(out_dir, "sft.jsonl"), line))
   records = []
-  for config in configs:
-    result = runner.run(config, os.path.join(out_dir, config.name), sft_params=sft_params, print_fn=print_fn)
+  for setup in setups:
+    config = setup.config
+    result = runner.run(config, os.path.join(out_dir, config.name), sft_params=sft_params, setup=setup,
+                        print_fn=print_fn)
     records.extend(result["records"])
   c = configs[0]
   notes = (f"Environment {c.env.name} (hops={c.env.hops}, {c.env.num_entities} entities), tokenizer "
@@ -126,10 +128,10 @@ def main(argv):
       overrides[field] = flag.value
   overrides["log.progress"] = _PROGRESS.value
   try:
-    configs = study_configs(_METHODS.value, _SEEDS.value, overrides)
+    setups = study_configs(_METHODS.value, _SEEDS.value, overrides)
   except ValueError as error:
     sys.exit(f"config.{error}" if not str(error).startswith(("methods", "set")) else str(error))
-  run_study(_NAME.value, configs, _RUNS_DIR.value)
+  run_study(_NAME.value, setups, _RUNS_DIR.value)
 
 
 if __name__ == "__main__":

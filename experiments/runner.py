@@ -36,13 +36,14 @@ import ml_collections
 import numpy as np
 
 from experiments import report
+from stepjax import checks
 from stepjax import credit as credit_lib
 from stepjax import losses
 from stepjax import rollout as rollout_lib
 from stepjax import train
 from stepjax.envs import grid_nav, lookup_qa, textworld_lite
 from stepjax.models import hf
-from stepjax.models.transformer import ModelConfig, get_config
+from stepjax.models.transformer import PRESETS, ModelConfig, get_config
 from stepjax.models.value import ValueConfig
 from stepjax.tokenizers import BYTE_SPEC, WordTokenizer, load_tokenizer
 
@@ -55,29 +56,8 @@ MODEL_FIELDS = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "
 TIMING_KEYS = ("time_s", "agent_steps_per_s", "tokens_per_s")
 
 
-def _fail(field: str, message: str):
-  raise ValueError(f"{field}: {message}")
-
-
-def _choice(value, field: str, allowed) -> str:
-  if value not in allowed:
-    _fail(field, f"unknown {value!r}; allowed: {', '.join(map(str, allowed))}")
-  return value
-
-
 def _positive_int(value, field: str, minimum: int = 1) -> int:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-    _fail(field, f"must be an int >= {minimum}, got {value!r}")
-  return int(value)
-
-
-def _rewrap(prefix: str, build: Callable):
-  """Runs a stepjax constructor; its ValueError (which names the field inside it) gets the config section."""
-  try:
-    return build()
-  except ValueError as error:
-    message = str(error)
-    raise ValueError(message if message.startswith(prefix) else f"{prefix}.{message}") from None
+  return checks.check_int(value, field, minimum)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -107,29 +87,30 @@ def _tokenizer(config):
   spec, env_name = config.tokenizer, config.env.name
   if spec == "word":
     if env_name != "lookup_qa":
-      _fail("tokenizer", f"'word' needs an environment with a word vocabulary (lookup_qa), not {env_name!r}; use "
+      checks.fail("tokenizer", f"'word' needs an environment with a word vocabulary (lookup_qa), not {env_name!r}; use "
             f"{BYTE_SPEC!r} or a tokenizer.json path")
     return WordTokenizer(lookup_qa.vocabulary())
   if not isinstance(spec, str) or not (spec == BYTE_SPEC or os.path.exists(spec)):
-    _fail("tokenizer", f"{spec!r} is not allowed; use 'byte', 'word' or an existing tokenizer.json path")
+    checks.fail("tokenizer", f"{spec!r} is not allowed; use 'byte', 'word' or an existing tokenizer.json path")
   return load_tokenizer(spec)
 
 
 def _jax_env(config, tokenizer):
   e, r = config.env, config.rollout
   if e.name == "lookup_qa":
-    env = _rewrap("env", lambda: lookup_qa.LookupQA(tokenizer, num_entities=e.num_entities, max_hops=e.max_hops,
-                                                    max_action_len=r.max_action_len, step_format=e.step_format))
+    with checks.section("env"):
+      env = lookup_qa.LookupQA(tokenizer, num_entities=e.num_entities, max_hops=e.max_hops,
+                               max_action_len=r.max_action_len, step_format=e.step_format)
     if not 1 <= e.hops <= e.max_hops:
-      _fail("env.hops", f"must be in [1, env.max_hops={e.max_hops}], got {e.hops!r}")
+      checks.fail("env.hops", f"must be in [1, env.max_hops={e.max_hops}], got {e.hops!r}")
     params = env.default_params().replace(hops=e.hops, max_steps=r.max_steps, invalid_penalty=e.invalid_penalty)
   elif e.name == "textworld_lite":
-    env = _rewrap("env", lambda: textworld_lite.TextWorldLite(tokenizer, max_action_len=r.max_action_len,
-                                                             step_format=e.step_format))
+    with checks.section("env"):
+      env = textworld_lite.TextWorldLite(tokenizer, max_action_len=r.max_action_len, step_format=e.step_format)
     params = env.default_params().replace(max_steps=r.max_steps)
   else:
-    env = _rewrap("env", lambda: grid_nav.GridNav(tokenizer, max_action_len=r.max_action_len,
-                                                  step_format=e.step_format))
+    with checks.section("env"):
+      env = grid_nav.GridNav(tokenizer, max_action_len=r.max_action_len, step_format=e.step_format)
     params = env.default_params().replace(max_steps=r.max_steps, invalid_penalty=e.invalid_penalty)
   return env, params
 
@@ -138,52 +119,52 @@ def _model_config(config, tokenizer) -> tuple[ModelConfig, dict | None]:
   m = config.model
   if m.checkpoint:
     if not os.path.isdir(m.checkpoint):
-      _fail("model.checkpoint", f"{m.checkpoint} is not a directory (a Hugging Face safetensors checkpoint)")
+      checks.fail("model.checkpoint", f"{m.checkpoint} is not a directory (a Hugging Face safetensors checkpoint)")
     model_config, params = hf.load_hf_checkpoint(m.checkpoint)
     if model_config.vocab_size < tokenizer.vocab_size:
-      _fail("model.checkpoint", f"vocab_size {model_config.vocab_size} does not cover the tokenizer's "
+      checks.fail("model.checkpoint", f"vocab_size {model_config.vocab_size} does not cover the tokenizer's "
             f"{tokenizer.vocab_size} ids")
     return model_config, params
-  if m.preset not in ("tiny", "small", "llama3-8b", "qwen2.5-0.5b", "qwen2.5-7b", "qwen3-0.6b", "qwen3-8b"):
-    _fail("model.preset", f"unknown {m.preset!r}; allowed: tiny, small, llama3-8b, qwen2.5-0.5b, qwen2.5-7b, "
-          "qwen3-0.6b, qwen3-8b (or model.checkpoint)")
+  checks.check_choice(m.preset, "model.preset", PRESETS, hint=" (or model.checkpoint)")
   overrides = {name: m[name] for name in MODEL_FIELDS if name in m}
   vocab = -(-tokenizer.vocab_size // 64) * 64  # the tokenizer's ids, rounded up to a multiple of 64
-  return _rewrap("model", lambda: get_config(m.preset, vocab_size=vocab, **overrides)), None
+  with checks.section("model"):
+    return get_config(m.preset, vocab_size=vocab, **overrides), None
 
 
 def _update_config(config) -> train.UpdateConfig:
   a = config.algo
-  _choice(a.estimator, "algo.estimator", tuple(credit_lib.ESTIMATORS))
-  _choice(a.loss, "algo.loss", tuple(losses.POLICY_LOSSES))
-  _choice(a.critic, "algo.critic", CRITICS)
-  _choice(a.whiten, "algo.whiten", WHITEN)
-  credit = _rewrap("algo", lambda: credit_lib.CreditConfig(
-      estimator=a.estimator, gamma=a.gamma, lam=a.lam, whiten=None if a.whiten == "none" else a.whiten,
-      truncation_as_terminal=a.truncation_as_terminal, normalize_std=a.normalize_std, gigpo_omega=a.gigpo_omega))
-  policy_loss = losses.PolicyLossConfig(name=a.loss, clip_low=a.clip_low, clip_high=a.clip_high,
-                                        dual_clip=a.dual_clip, agg_mode=a.agg_mode)
-  _rewrap("algo", policy_loss.validate)
-  critic = credit_lib.critic_level(a.estimator)
-  if critic is not None and a.critic == "none":
-    _fail("algo.critic", f"estimator {a.estimator!r} reads a critic; use 'head' or 'separate'")
-  if critic is None and a.critic != "none":
-    _fail("algo.critic", f"estimator {a.estimator!r} reads no critic; use 'none'")
-  value = ValueConfig(kind=None if a.critic == "none" else a.critic)
-  return _rewrap("algo", lambda: train.UpdateConfig(
-      credit=credit, policy_loss=policy_loss, value=value, value_coef=a.value_coef, value_clip=a.value_clip,
-      kl_coef=a.kl_coef, kl_kind=a.kl_kind, entropy_coef=a.entropy_coef, epochs=a.epochs, minibatches=a.minibatches,
-      halt_on_nonfinite=config.train.halt_on_nonfinite))
+  with checks.section("algo"):
+    checks.check_choice(a.estimator, "estimator", tuple(credit_lib.ESTIMATORS))
+    checks.check_choice(a.loss, "loss", tuple(losses.POLICY_LOSSES))
+    checks.check_choice(a.critic, "critic", CRITICS)
+    checks.check_choice(a.whiten, "whiten", WHITEN)
+    credit = credit_lib.CreditConfig(
+        estimator=a.estimator, gamma=a.gamma, lam=a.lam, whiten=None if a.whiten == "none" else a.whiten,
+        truncation_as_terminal=a.truncation_as_terminal, normalize_std=a.normalize_std, gigpo_omega=a.gigpo_omega)
+    policy_loss = losses.PolicyLossConfig(name=a.loss, clip_low=a.clip_low, clip_high=a.clip_high,
+                                          dual_clip=a.dual_clip, agg_mode=a.agg_mode)
+    critic = credit_lib.critic_level(a.estimator)
+    if critic is not None and a.critic == "none":
+      checks.fail("critic", f"estimator {a.estimator!r} reads a critic; use 'head' or 'separate'")
+    if critic is None and a.critic != "none":
+      checks.fail("critic", f"estimator {a.estimator!r} reads no critic; use 'none'")
+    value = ValueConfig(kind=None if a.critic == "none" else a.critic)
+  with checks.section("algo", strip="update"):
+    return train.UpdateConfig(
+        credit=credit, policy_loss=policy_loss, value=value, value_coef=a.value_coef, value_clip=a.value_clip,
+        kl_coef=a.kl_coef, kl_kind=a.kl_kind, entropy_coef=a.entropy_coef, epochs=a.epochs,
+        minibatches=a.minibatches, halt_on_nonfinite=config.train.halt_on_nonfinite)
 
 
 def build(config: ml_collections.ConfigDict) -> Setup:
   """Checks every field and builds the pieces; a bad field is one ValueError line naming it (nothing compiled)."""
-  _choice(config.env.name, "env.name", JAX_ENVS)
+  checks.check_choice(config.env.name, "env.name", JAX_ENVS)
   t = config.train
   iterations = _positive_int(t.iterations, "train.iterations")
   eval_every = _positive_int(t.eval_every, "train.eval_every")
   if iterations % eval_every:
-    _fail("train.eval_every", f"{eval_every} must divide train.iterations={iterations}")
+    checks.fail("train.eval_every", f"{eval_every} must divide train.iterations={iterations}")
   num_seeds = _positive_int(t.seeds, "train.seeds")
   _positive_int(t.seed_offset, "train.seed_offset", 0)
   _positive_int(t.eval_episodes, "train.eval_episodes")
@@ -196,22 +177,21 @@ def build(config: ml_collections.ConfigDict) -> Setup:
   model_config, checkpoint_params = _model_config(config, tokenizer)
   update_config = _update_config(config)
   o = config.optim
-  optim_config = _rewrap("optim", lambda: train.OptimConfig(
+  optim_config = train.OptimConfig(
       actor_lr=o.actor_lr, critic_lr=o.critic_lr, weight_decay=o.weight_decay, max_grad_norm=o.max_grad_norm,
-      schedule=o.schedule, warmup_steps=o.warmup_steps, total_steps=o.total_steps))
-  sft_optim_config = _rewrap("sft", lambda: train.OptimConfig(actor_lr=config.sft.lr, critic_lr=0.0))
+      schedule=o.schedule, warmup_steps=o.warmup_steps, total_steps=o.total_steps)
+  with checks.section("sft", strip="optim"):
+    sft_optim_config = train.OptimConfig(actor_lr=config.sft.lr, critic_lr=0.0)
   r = config.rollout
   for name in ("num_tasks", "episodes_per_task", "max_steps", "max_len", "max_action_len"):
     _positive_int(r[name], f"rollout.{name}")
-  rollout_config = _rewrap("rollout", lambda: rollout_lib.RolloutConfig(
-      num_tasks=r.num_tasks, episodes_per_task=r.episodes_per_task, max_steps=r.max_steps, max_len=r.max_len,
-      max_action_len=r.max_action_len, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
-      stop_ids=(tokenizer.end_of_step_id, tokenizer.eos_id), pad_id=tokenizer.pad_id))
+  with checks.section("rollout"):
+    rollout_config = rollout_lib.RolloutConfig(
+        num_tasks=r.num_tasks, episodes_per_task=r.episodes_per_task, max_steps=r.max_steps, max_len=r.max_len,
+        max_action_len=r.max_action_len, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
+        stop_ids=(tokenizer.end_of_step_id, tokenizer.eos_id), pad_id=tokenizer.pad_id)
   env, env_params = _jax_env(config, tokenizer)
-  max_obs_len = env.max_obs_len
-  if r.max_len > model_config.max_position_embeddings:
-    _fail("rollout.max_len", f"{r.max_len} exceeds model.max_position_embeddings={model_config.max_position_embeddings}")
-  _rewrap("rollout", lambda: rollout_config.validate(max_obs_len, model_config.vocab_size))
+  train.check_env_rollout(env, rollout_config, model_config, "rollout")
   train.check_update_batch(update_config, rollout_config.batch_size)
   sft_rollout_config = dataclasses.replace(rollout_config, num_tasks=config.sft.num_tasks, episodes_per_task=1)
   seeds = tuple(range(t.seed_offset, t.seed_offset + num_seeds))
@@ -327,50 +307,36 @@ def _make_programs(setup: Setup, per_seed_params: bool) -> dict[str, Callable]:
 SFT_CHUNK = 50
 
 
-def sft_warm_start(setup: Setup, *, progress: bool = True, log: Callable[[dict], None] | None = None):
-  """The SFT start of `setup`: Transformer params, one set for every seed ([seeds, ...] stacked with
-  `sft.per_seed`), or None when sft.steps == 0 (then `model.checkpoint` params or a random init)."""
+def warm_start(setup: Setup, *, progress: bool = True, log: Callable[[dict], None] | None = None):
+  """The SFT start of `setup` (`train.make_sft_run`): Transformer params, one set for every seed ([seeds, ...] stacked
+  with `sft.per_seed`), or `model.checkpoint`'s params (None: a random init) when sft.steps == 0. log(line) gets one
+  line per SFT step (metrics averaged over the warm starts)."""
   config = setup.config
   steps = config.sft.steps
   if steps == 0:
     return setup.checkpoint_params
-  mc, oc = setup.model_config, setup.sft_optim_config
-  step = train.make_sft_iteration(mc, oc, setup.env, setup.sft_rollout_config)
-
-  def run_chunk(state, env_params, length):
-    return jax.lax.scan(lambda s, _: step(s, env_params), state, None, length=length)
-
-  def init(key, params):
-    return train.init_sft_state(mc, oc, key, params)
-
+  programs = _PROGRAMS.setdefault(_setup_key(setup, "sft"), {})
+  if "run" not in programs:
+    programs["run"] = train.make_sft_run(setup.model_config, setup.sft_optim_config, setup.env,
+                                         setup.sft_rollout_config, chunk_size=SFT_CHUNK)
   keys = jnp.stack([jax.random.fold_in(jax.random.key(seed), 0) for seed in setup.seeds])
   if not config.sft.per_seed:
     keys = keys[:1]
-  programs = _PROGRAMS.setdefault(_setup_key(setup, "sft"), {})
-  if "init" not in programs:
-    programs["init"] = jax.jit(jax.vmap(init, in_axes=(0, None)))
-  state = programs["init"](keys, setup.checkpoint_params)
   from tqdm import tqdm
 
   bar = tqdm(total=steps, desc="sft", disable=not progress, dynamic_ncols=True, unit="step")
-  done = 0
-  while done < steps:
-    length = min(SFT_CHUNK, steps - done)
-    if length not in programs:
-      programs[length] = jax.jit(jax.vmap(lambda s, p, n=length: run_chunk(s, p, n), in_axes=(0, None)),
-                                 donate_argnums=0)
-    state, metrics = programs[length](state, setup.env_params)
-    metrics = jax.device_get(metrics)
+
+  def on_chunk(done: int, metrics: dict) -> None:
+    length = next(iter(metrics.values())).shape[1]
     for k in range(length):
-      line = {"step": done + k + 1, **{name: float(np.mean(value[:, k])) for name, value in metrics.items()}}
       if log is not None:
-        log(line)
-    done += length
+        log({"step": done - length + k + 1, **{name: float(np.mean(value[:, k])) for name, value in metrics.items()}})
     bar.update(length)
     bar.set_postfix(nll=f"{float(np.mean(metrics['nll'][:, -1])):.3f}",
                     acc=f"{float(np.mean(metrics['token_accuracy'][:, -1])):.3f}")
+
+  params, _ = programs["run"](keys, setup.env_params, steps, setup.checkpoint_params, on_chunk)
   bar.close()
-  params = state.params["policy"]
   return params if config.sft.per_seed else jax.tree.map(lambda x: x[0], params)
 
 
@@ -423,7 +389,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, resume: bool = False
     for log_name in ("sft.jsonl", "metrics.jsonl", "eval.jsonl"):
       open(os.path.join(workdir, log_name), "w").close()
   if not resume and sft_params is None:
-    sft_params = sft_warm_start(setup, progress=config.log.progress,
+    sft_params = warm_start(setup, progress=config.log.progress,
                                 log=lambda line: _append_jsonl(os.path.join(workdir, "sft.jsonl"), line))
   per_seed = sft_params is not None and _is_stacked(sft_params, setup)
   programs = _programs(setup, per_seed)

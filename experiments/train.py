@@ -30,11 +30,11 @@ def main(argv):
   config = _CONFIG.value
   workdir = _WORKDIR.value or os.path.join("runs", config.name)
   try:
-    runner.build(config)  # every field checked before anything compiles
+    setup = runner.build(config)  # every field checked before anything compiles
   except ValueError as error:
     sys.exit(f"config.{error}")
   try:
-    runner.run(config, workdir, resume=_RESUME.value)
+    runner.run(config, workdir, resume=_RESUME.value, setup=setup)
   except FileNotFoundError as error:
     sys.exit(str(error))
 

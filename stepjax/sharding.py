@@ -26,6 +26,8 @@ import numpy as np
 from flax import linen as nn
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from stepjax import checks
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the batch is split over every data-like axis
 
@@ -68,8 +70,7 @@ RULES: dict[str, LogicalRules] = {
 
 
 def get_rules(name: str) -> LogicalRules:
-  if name not in RULES:
-    raise ValueError(f"sharding.rules: unknown rule table {name!r}; allowed: {sorted(RULES)}")
+  checks.check_choice(name, "sharding.rules", tuple(RULES))
   return RULES[name]
 
 

@@ -6,7 +6,7 @@ Every tokenizer reserves three special tokens that the rest of stepjax relies on
 * `end_of_step` (`<|end_of_step|>`) — the model emits it to end one step's action (one response);
 * `end_of_episode` (`<|end_of_episode|>`) — ends the whole episode (`eos_id`).
 
-Token-space consistency (see DESIGN.md): the model's own tokens are never re-encoded from text. Environments turn
+Token-space consistency (see docs/design.md): the model's own tokens are never re-encoded from text. Environments turn
 their text into ids once — `encode_fragments` at construction time for pure-JAX environments, `encode` per
 observation for host environments — and `pad_batch` lays ragged id lists out as fixed-shape arrays.
 

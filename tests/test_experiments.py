@@ -44,7 +44,7 @@ def test_every_config_builds(module):
     ("model.checkpoint", "/nonexistent/ckpt", r"^model\.checkpoint: /nonexistent/ckpt is not a directory"),
     ("tokenizer", "gpt2", r"^tokenizer: 'gpt2' is not allowed"),
     ("rollout.max_action_len", 200, r"^rollout\.max_len: 128 cannot hold the first observation plus one step"),
-    ("rollout.max_len", 1024, r"^rollout\.max_len: 1024 exceeds model\.max_position_embeddings=512"),
+    ("rollout.max_len", 1024, r"^rollout\.max_len: 1024 exceeds the model's max_position_embeddings 512"),
     ("train.eval_every", 7, r"^train\.eval_every: 7 must divide train\.iterations=30"),
     ("train.seeds", 0, r"^train\.seeds: must be an int >= 1, got 0"),
     ("optim.schedule", "linear", r"^optim\.schedule: unknown 'linear'"),
@@ -93,10 +93,10 @@ def test_resume_is_bit_identical(tmp_path):
 
 
 def test_ablation_tiny_grid_writes_results(tmp_path):
-  configs = ablation.study_configs(["steppo", "grpo"], 2, {})
-  configs = [small(config) for config in configs]
+  setups = ablation.study_configs(["steppo", "grpo"], 2, {})
+  setups = [runner.build(small(setup.config)) for setup in setups]
   printed = []
-  out = ablation.run_study("tiny", configs, str(tmp_path), print_fn=printed.append)
+  out = ablation.run_study("tiny", setups, str(tmp_path), print_fn=printed.append)
   study = tmp_path / "tiny"
   for name in ("results.md", "results.csv", "curves.png", "records.json"):
     assert (study / name).exists(), name
@@ -131,7 +131,7 @@ def test_model_from_a_hugging_face_checkpoint(tmp_path):
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(loaded.checkpoint_params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   config.sft.steps = 0  # RL starts from the checkpoint itself
-  start = runner.sft_warm_start(loaded, progress=False)
+  start = runner.warm_start(loaded, progress=False)
   assert start is loaded.checkpoint_params
   # A checkpoint whose vocabulary cannot hold the tokenizer's ids is refused.
   small_vocab = setup.model_config.replace(vocab_size=256)
@@ -151,7 +151,7 @@ def test_short_run_raises_success_over_the_sft_start():
   config.train.update(seeds=1, task_pool=4)
   config.log.progress = False
   setup = runner.build(config)
-  start = runner.sft_warm_start(setup, progress=False)
+  start = runner.warm_start(setup, progress=False)
   pool = train.task_pool_keys(config.train.task_pool_seed, 4)
   run = jax.jit(train.make_train(setup.model_config, setup.env, setup.rollout_config, setup.update_config,
                                  setup.optim_config, 20, pool))

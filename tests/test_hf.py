@@ -140,7 +140,7 @@ def _mesh_spec(logical, mesh_axes: dict) -> jax.sharding.PartitionSpec:
   return jax.sharding.PartitionSpec(*out)
 
 
-@pytest.mark.skipif(jax.device_count() < 8, reason="needs XLA_FLAGS=--xla_force_host_platform_device_count=8")
+@pytest.mark.usefixtures("eight_devices")  # tests/conftest.py
 @pytest.mark.parametrize("scan_layers", [False, True], ids=["plain", "scan"])
 def test_sharded_load_places_each_block(checkpoints, scan_layers, tmp_path):
   """Each device's block is read straight from the file: leading-axis cuts (heads, layers), inner cuts (head_dim

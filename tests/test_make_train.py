@@ -1,4 +1,4 @@
-"""make_train / make_sft_train / make_evaluate: the PureJaxRL-style whole-run functions against the pieces they are
+"""make_train / make_sft_run / make_evaluate: the PureJaxRL-style whole-run functions against the pieces they are
 made of (rollout, then make_update), vmap over seeds, and a short run on the default environment that learns."""
 
 import dataclasses
@@ -66,6 +66,8 @@ def test_make_train_is_rollout_then_update():
     expected = train.rollout_metrics(batch, info)
     for name in ("success_rate", "agent_steps", "action_tokens", "return_mean"):
       assert float(metrics[name][i]) == pytest.approx(float(expected[name]), abs=1e-6), name
+    per_step = np.asarray(batch.action_mask).sum() / np.asarray(batch.step_mask).sum()
+    assert float(metrics["tokens_per_step"][i]) == pytest.approx(per_step, rel=1e-6)
     for name in ("loss", "policy_loss", "value_loss", "kl"):
       assert float(metrics[name][i]) == pytest.approx(float(step_metrics[name]), rel=1e-3, abs=1e-5), name
   assert int(state.step) == 2
@@ -83,18 +85,22 @@ def test_make_train_vmaps_over_seeds():
     np.testing.assert_array_equal(np.asarray(metrics["agent_steps"][i]), np.asarray(alone_metrics["agent_steps"]))
 
 
-def test_make_sft_train_matches_its_steps_and_feeds_make_train():
+def test_make_sft_run_matches_its_steps_in_any_chunking_and_feeds_make_train():
   sft_rollout = dataclasses.replace(ROLLOUT, num_tasks=4, episodes_per_task=1)
   sft_optim = train.OptimConfig(actor_lr=3e-3)
-  params, metrics = _jit(train.make_sft_train(MODEL, sft_optim, ENV, sft_rollout, 3))(jax.random.key(1), PARAMS)
-  assert metrics["nll"].shape == (3,)
-  assert float(metrics["nll"][-1]) < float(metrics["nll"][0])
+  run = train.make_sft_run(MODEL, sft_optim, ENV, sft_rollout, chunk_size=2, compiler_options=FAST)
+  chunks = []
+  params, metrics = run(jax.random.key(1)[None], PARAMS, 3, on_chunk=lambda done, m: chunks.append((done, m)))
+  assert metrics["nll"].shape == (1, 3)
+  assert [done for done, _ in chunks] == [2, 3] and [m["nll"].shape for _, m in chunks] == [(1, 2), (1, 1)]
+  assert float(metrics["nll"][0, -1]) < float(metrics["nll"][0, 0])
   # The same three steps one by one.
   step = _jit(train.make_sft_iteration(MODEL, sft_optim, ENV, sft_rollout))
   state = train.init_sft_state(MODEL, sft_optim, jax.random.key(1))
   for i in range(3):
     state, step_metrics = step(state, PARAMS)
-    assert float(step_metrics["nll"]) == pytest.approx(float(metrics["nll"][i]), rel=1e-4)
+    assert float(step_metrics["nll"]) == pytest.approx(float(metrics["nll"][0, i]), rel=1e-4)
+  params = jax.tree.map(lambda x: x[0], params)
   _close(state.params["policy"], params)
   # A warm start seeds make_train (a fresh value head on top of the SFT trunk).
   rl_state, _ = _train_program()(jax.random.key(2), PARAMS, params)
@@ -114,6 +120,26 @@ def test_evaluate_scores_greedy_and_sampled_on_the_same_tasks():
       assert float(metrics["return"]) == pytest.approx(float(np.mean(batch.episode_returns())))
   with pytest.raises(ValueError, match=r"^eval\.num_episodes: must be an int >= 1, got 0"):
     train.make_evaluate(MODEL, ENV, ROLLOUT, 0)
+
+
+def test_logprobs_are_untempered_so_the_first_ratio_is_one_at_temperature_0_7():
+  """EpisodeBatch.logprobs hold the acting model's untempered log-probs, the quantity the learner recomputes: at
+  temperature 0.7 the first minibatch's ratios are exactly 1, while the tempered log-probs it sampled from differ."""
+  config = dataclasses.replace(ROLLOUT, temperature=0.7)
+  trunk = train.init_sft_state(MODEL, OPTIM, jax.random.key(4)).params["policy"]
+  batch, _ = _sample_program(config)(trunk, PARAMS, jax.random.key(5))
+  logits, _, _ = Transformer(MODEL).apply({"params": trunk}, batch.tokens)
+  mask = np.asarray(batch.action_mask)
+  untempered = np.asarray(losses.shifted_logprobs(logits, batch.tokens))[mask]
+  tempered = np.asarray(losses.shifted_logprobs(logits / 0.7, batch.tokens))[mask]
+  np.testing.assert_allclose(np.asarray(batch.logprobs)[mask], untempered, atol=1e-4)
+  assert np.abs(tempered - untempered).max() > 0.05  # storing the sampling distribution's would move the ratio
+  one_step = dataclasses.replace(UPDATE, epochs=1, minibatches=1)
+  state = train.init_train_state(MODEL, one_step, OPTIM, jax.random.key(0), policy_params=trunk)
+  _, metrics = train.make_update(MODEL, one_step, OPTIM, compiler_options=FAST)(state, batch)
+  for name in ("ratio_mean", "ratio_min", "ratio_max"):
+    assert float(metrics[name]) == pytest.approx(1.0, abs=1e-4), name
+  assert float(metrics["clip_frac"]) == 0.0
 
 
 def test_make_train_checks_before_compiling():

@@ -69,7 +69,7 @@ def test_config_errors_name_the_field(overrides, field):
 
 
 def test_presets():
-  with pytest.raises(ValueError, match="unknown preset 'gpt5'.*qwen3-8b"):
+  with pytest.raises(ValueError, match=r"^model\.preset: unknown 'gpt5'; allowed: .*qwen3-8b"):
     get_config("gpt5")
   for name in ("tiny", "small", "llama3-8b", "qwen2.5-0.5b", "qwen2.5-7b", "qwen3-0.6b", "qwen3-8b"):
     get_config(name).validate()
@@ -230,7 +230,7 @@ RULES = (("activation_batch", "data"), ("cache_batch", "data"),
          ("activation_embed", None), ("cache_length", None), ("cache_head_dim", None))
 
 
-@pytest.mark.skipif(jax.device_count() < 8, reason="needs XLA_FLAGS=--xla_force_host_platform_device_count=8")
+@pytest.mark.usefixtures("eight_devices")  # tests/conftest.py
 def test_sharded_forward_with_logical_rules(params):
   """Params sharded by the logical rules on a (data 4, tensor 2) mesh; the constrained forward (with a cache)
   compiles and gives the unsharded logits."""

@@ -23,12 +23,12 @@ from flax import struct
 from jax.sharding import PartitionSpec as P
 
 from stepjax import credit, losses, rollout, sharding, train
-from stepjax.envs.base import CommandTable, Environment, Fragments, StepInfo, unless_done
+from stepjax.envs.base import CommandTable, Environment, Fragments, StepInfo
 from stepjax.models import PolicyWithValue, Transformer, ValueConfig, get_config
 from stepjax.testing import random_episode_batch
 from stepjax.tokenizers import ByteTokenizer
 
-needs_8 = pytest.mark.skipif(jax.device_count() < 8, reason="needs XLA_FLAGS=--xla_force_host_platform_device_count=8")
+needs_8 = pytest.mark.usefixtures("eight_devices")  # tests/conftest.py
 
 FAST = {"xla_backend_optimization_level": 0}  # tiny programs: compile time matters, code quality does not
 TOK = ByteTokenizer()
@@ -41,7 +41,8 @@ OPTIM = train.OptimConfig(actor_lr=0.1, critic_lr=0.2, eps=1.0, weight_decay=0.0
 
 
 def _update_config(estimator="step_gae", loss="gspo", kind="head", **overrides):
-  whiten = "token" if estimator in ("token_gae", "reinforce_pp", "reinforce_pp_baseline") else "step"
+  # reinforce_pp(_baseline) whiten themselves; a second whitening is refused.
+  whiten = {"token_gae": "token", "reinforce_pp": None, "reinforce_pp_baseline": None}.get(estimator, "step")
   base = dict(credit=credit.CreditConfig(estimator, gamma=0.9, lam=0.8, whiten=whiten),
               policy_loss=losses.PolicyLossConfig(loss), value=ValueConfig(kind=kind), value_coef=0.5,
               value_clip=0.2 if kind else None, kl_coef=0.05, entropy_coef=0.01)
@@ -150,7 +151,7 @@ def _np_step_gae(batch, step_values, bootstrap, gamma, lam):
 def _reference_update(host_state, batch, config):
   """The documented loss written out by hand, differentiated with jax.grad, applied by the same optax transform.
 
-  Returns (new params, loss, token advantages).
+  Returns (new params, loss, token advantages, {"values": [B, L] value head output, "step_advantages": [B, S]}).
   """
   tokens = jnp.asarray(batch.tokens)
   policy = PolicyWithValue(MODEL)
@@ -196,15 +197,38 @@ def _reference_update(host_state, batch, config):
     return optax.apply_updates(params, updates), loss
 
   new_params, loss = jax.jit(step, compiler_options=FAST)(host_state.params, host_state.opt_state)
-  return new_params, float(loss), token_adv
+  return new_params, float(loss), token_adv, {"values": values, "step_advantages": whitened}
+
+
+def _np_explained_variance(pred, target):
+  var = target.var()
+  return 1.0 - (target - pred).var() / var if var > 1e-8 else 0.0
 
 
 def test_update_matches_hand_computed_loss():
   host_state, batch = _host_state("head", True), _batch()
   state, metrics = _update(HEAD_11)(_fresh(host_state), batch)
-  expected, expected_loss, token_adv = _reference_update(host_state, batch, HEAD_11)
+  expected, expected_loss, token_adv, extra = _reference_update(host_state, batch, HEAD_11)
   np.testing.assert_allclose(float(metrics["loss"]), expected_loss, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(float(metrics["advantage_mean"]), token_adv[batch.action_mask].mean(), atol=1e-5)
+  # Credit diagnostics: advantages per step and per step index, the critic against the return-to-go.
+  valid, step_adv = batch.step_mask, extra["step_advantages"]
+  np.testing.assert_allclose(float(metrics["step_advantage_std"]), step_adv[valid].std(), atol=1e-5)
+  for t in range(S):
+    column = step_adv[valid[:, t], t]
+    np.testing.assert_allclose(float(metrics[f"adv_step{t}_mean"]), column.mean() if column.size else 0.0, atol=1e-5)
+    np.testing.assert_allclose(float(metrics[f"adv_step{t}_std"]), column.std() if column.size else 0.0, atol=1e-5)
+  rewards = np.where(valid, batch.step_rewards, 0.0)
+  to_go = np.where(valid, np.cumsum(rewards[:, ::-1], axis=1)[:, ::-1], 0.0)  # undiscounted return-to-go
+  rows, values = np.arange(B)[:, None], extra["values"]
+  step_values = values[rows, np.maximum(batch.step_start - 1, 0)]
+  np.testing.assert_allclose(float(metrics["critic_ev_steps"]),
+                             _np_explained_variance(step_values[valid], to_go[valid]), atol=1e-4)
+  action = batch.action_mask
+  token_values = np.pad(values, ((0, 0), (1, 0)))[:, :-1]  # the value before each token: read at p - 1
+  token_to_go = to_go[rows, np.maximum(batch.step_ids, 0)]
+  np.testing.assert_allclose(float(metrics["critic_ev_tokens"]),
+                             _np_explained_variance(token_values[action], token_to_go[action]), atol=1e-4)
   deltas = jax.tree.map(lambda new, old: np.asarray(new) - np.asarray(old), state.params, host_state.params)
   expected_deltas = jax.tree.map(lambda new, old: np.asarray(new) - np.asarray(old), expected, host_state.params)
   assert _max_diff(deltas, expected_deltas) < 1e-6
@@ -288,6 +312,31 @@ def test_sweep_covers_the_registries():
   assert {CRITIC_KIND[credit.critic_level(e)] for e, _ in SWEEP} == {"head", "separate", None}
 
 
+def test_a_new_estimator_is_one_registration():
+  """Adding an estimator is one decorated function: UpdateConfig takes its name and make_update trains with it."""
+
+  @credit.register_estimator("toy_return", critic=None, level="step")
+  def _toy(config, batch, position_values):
+    del config, position_values
+    return jnp.where(batch.step_mask, batch.episode_returns()[:, None], 0.0), None
+
+  try:
+    config = train.UpdateConfig(credit=credit.CreditConfig("toy_return", whiten=None),
+                                policy_loss=losses.PolicyLossConfig("gspo"), value=ValueConfig(kind=None))
+    state = train.init_train_state(MODEL, config, OPTIM, jax.random.key(1), policy_params=_random_trunk(0))
+    batch = _batch()
+    _, metrics = train.make_update(MODEL, config, OPTIM, compiler_options=FAST)(state, batch)
+    mask = np.asarray(batch.action_mask)
+    expected = np.broadcast_to(np.asarray(batch.episode_returns())[:, None], mask.shape)[mask]
+    assert float(metrics["advantage_mean"]) == pytest.approx(expected.mean(), rel=1e-5)
+    assert float(metrics["advantage_std"]) == pytest.approx(expected.std(), rel=1e-4)
+    assert np.isfinite(float(metrics["loss"])) and int(metrics["skipped"]) == 0
+  finally:
+    credit.unregister_estimator("toy_return")
+  with pytest.raises(ValueError, match="^estimator: unknown 'toy_return'"):
+    credit.CreditConfig("toy_return")
+
+
 @functools.lru_cache(maxsize=None)
 def _mesh():
   return sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
@@ -342,7 +391,7 @@ def test_sharded_init_and_batch_checks():
 class TallyState:
   target: jax.Array
   count: jax.Array
-  steps: jax.Array
+  step_count: jax.Array
   done: jax.Array
 
 
@@ -372,18 +421,14 @@ class TallyEnv(Environment):
     obs, n = self.fragments.compose(jnp.array([0, target, 4]), self.max_obs_len)
     return TallyState(target, jnp.int32(0), jnp.int32(0), jnp.bool_(False)), obs, n
 
-  def step(self, key, state, action, action_len, params):
+  def step_env(self, key, state, action, action_len, params):
     command = self.commands.match(action, action_len)
     add, stop = command == 0, command == 1
     right = state.count == state.target
     obs, n = self.fragments.compose(jnp.select([add, stop & right, stop], [5, 7, 8], 6)[None], self.max_obs_len)
-    steps = state.steps + 1
-    terminated = stop
-    truncated = ~stop & (steps >= params.max_steps)
     reward = jnp.where(stop & right, 1.0, 0.0)
-    new = TallyState(state.target, state.count + add, steps, terminated | truncated)
     info = StepInfo(parsed=command >= 0, success=stop & right)
-    return unless_done(state, new, obs, n, reward, terminated, truncated, info)
+    return state.replace(count=state.count + add), obs, n, reward, stop, info
 
   def expert_action(self, key, state, params):
     return self.commands.encode(jnp.where(state.count < state.target, 0, 1), self.max_action_len, self.end_of_step)
@@ -415,19 +460,19 @@ def test_sft_warm_start_on_expert_episodes():
   env = TallyEnv(TOK)
   config = rollout.RolloutConfig(num_tasks=4, episodes_per_task=2, max_steps=5, max_len=96, max_action_len=6,
                                  stop_ids=(TOK.end_of_step_id, TOK.eos_id), pad_id=TOK.pad_id)
-  expert = jax.jit(rollout.make_rollout(Transformer(MODEL), env, config, actor="expert"), compiler_options=FAST)
   optim = train.OptimConfig(actor_lr=3e-3)
-  state = train.init_sft_state(MODEL, optim, jax.random.key(0), policy_params=_random_trunk(2))
-  state, history = train.sft_warm_start(MODEL, optim, expert, env.default_params(), jax.random.key(3), 8, state,
-                                        updates_per_batch=4, compiler_options=FAST)
-  assert len(history) == 8 and int(state.step) == 8
-  assert history[-1]["nll"] < 0.6 * history[0]["nll"]
-  assert history[-1]["token_accuracy"] > history[0]["token_accuracy"]
-  batch, info = expert(state.params["policy"], env.default_params(), jax.random.key(4))
+  run = train.make_sft_run(MODEL, optim, env, config, chunk_size=4, compiler_options=FAST)
+  params, history = run(jax.random.key(3)[None], env.default_params(), 8, _random_trunk(2))
+  params = jax.tree.map(lambda x: x[0], params)
+  assert history["nll"].shape == (1, 8)
+  assert history["nll"][0, -1] < 0.6 * history["nll"][0, 0]
+  assert history["token_accuracy"][0, -1] > history["token_accuracy"][0, 0]
+  expert = jax.jit(rollout.make_rollout(Transformer(MODEL), env, config, actor="expert"), compiler_options=FAST)
+  batch, info = expert(params, env.default_params(), jax.random.key(4))
   assert bool(np.all(info.success))  # expert episodes: every task solved
   # The warm-started policy seeds an RL state (a fresh value head on top).
-  rl_state = train.init_train_state(MODEL, HEAD_11, OPTIM, jax.random.key(5), policy_params=state.params["policy"])
-  _assert_trees_equal(train._policy_trunk(rl_state.params["policy"]), state.params["policy"])
+  rl_state = train.init_train_state(MODEL, HEAD_11, OPTIM, jax.random.key(5), policy_params=params)
+  _assert_trees_equal(train.policy_trunk(rl_state.params["policy"]), params)
   with pytest.raises(ValueError, match="sft.state: expected a policy-only TrainState"):
     train.make_sft_update(MODEL, optim, compiler_options=FAST)(rl_state, batch)
 
@@ -521,16 +566,17 @@ def test_missing_checkpoint_directory(tmp_path):
     (lambda: _update_config("step_gae", kind=None), "update.value.kind: estimator 'step_gae' reads a critic"),
     (lambda: _update_config("token_gae", kind=None), "update.value.kind: estimator 'token_gae' reads a critic"),
     (lambda: _update_config("grpo", kind="head"), "update.value.kind: estimator 'grpo' reads no critic"),
-    (lambda: _update_config(kind="tower"), "update.value.kind: must be one of"),
-    (lambda: _update_config(policy_loss=losses.PolicyLossConfig("trpo")), "update.policy_loss.name: unknown 'trpo'"),
+    (lambda: _update_config(kind="tower"), "update.value.kind: unknown 'tower'; allowed: head, separate, None"),
+    # A PolicyLossConfig is checked when it is built, before it reaches an UpdateConfig.
+    (lambda: _update_config(policy_loss=losses.PolicyLossConfig("trpo")), "^name: unknown 'trpo'"),
     (lambda: _update_config(policy_loss=losses.PolicyLossConfig("ppo", agg_mode="sum")),
-     "update.policy_loss.agg_mode: unknown 'sum'"),
+     "^agg_mode: unknown 'sum'"),
     (lambda: _update_config(kl_kind="k9"), "update.kl_kind: unknown 'k9'"),
     (lambda: _update_config(minibatches=0), "update.minibatches: must be an int >= 1"),
     (lambda: _update_config(epochs=1.5), "update.epochs: must be an int >= 1"),
     (lambda: _update_config(value_clip=-0.1), "update.value_clip: must be >= 0 or None"),
     (lambda: _update_config(kl_coef=float("nan")), "update.kl_coef: must be >= 0"),
-    (lambda: credit.CreditConfig("ppo_gae"), "estimator: expected one of"),
+    (lambda: credit.CreditConfig("ppo_gae"), "^estimator: unknown 'ppo_gae'; allowed: step_gae"),
 ])
 def test_config_errors(make, message):
   with pytest.raises(ValueError, match=message):

@@ -10,7 +10,7 @@ A host environment is an ordinary stateful Python object (a game interpreter, a 
 `action_text` is their decoded text WITHOUT special tokens (the loop decodes with `skip_special=True`). Text
 environments read the text; token environments (`JaxEnvAsHost`) read the ids. Observations may be text, which the
 loop encodes once with the run's tokenizer, or int32 token ids, which it uses as they are (token-space consistency,
-see DESIGN.md).
+see docs/design.md).
 
 `HostEnvPool` steps many independent environments concurrently on threads: host environments spend their time in
 native code (interpreters, XLA, sockets) that releases the GIL, so threads overlap the waits without pickling

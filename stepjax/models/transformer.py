@@ -40,6 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from stepjax import checks
+
 Array = Any
 
 # Logical axis names of the KV cache arrays k / v [N, B, M, K, Dh]; the layer axis is never sharded.
@@ -109,17 +111,13 @@ class ModelConfig:
     """Raises ValueError with one line naming the field; returns self so it chains."""
     for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
                  "head_dim", "max_position_embeddings"):
-      value = getattr(self, name)
-      if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{name}: must be a positive int, got {value!r}")
+      checks.check_int(getattr(self, name), name, 1)
     if self.num_heads % self.num_kv_heads:
-      raise ValueError(f"num_heads: must be divisible by num_kv_heads={self.num_kv_heads}, got {self.num_heads}")
+      checks.fail("num_heads", f"must be divisible by num_kv_heads={self.num_kv_heads}, got {self.num_heads}")
     if self.head_dim % 2:
-      raise ValueError(f"head_dim: must be even (RoPE rotates pairs), got {self.head_dim}")
-    if not self.rope_theta > 0:
-      raise ValueError(f"rope_theta: must be > 0, got {self.rope_theta}")
-    if not self.rms_norm_eps > 0:
-      raise ValueError(f"rms_norm_eps: must be > 0, got {self.rms_norm_eps}")
+      checks.fail("head_dim", f"must be even (RoPE rotates pairs), got {self.head_dim}")
+    checks.check_number(self.rope_theta, "rope_theta", lambda v: v > 0, "> 0")
+    checks.check_number(self.rms_norm_eps, "rms_norm_eps", lambda v: v > 0, "> 0")
     for name in ("dtype", "param_dtype"):
       try:
         floating = jnp.issubdtype(jnp.dtype(getattr(self, name)), jnp.floating)
@@ -173,10 +171,12 @@ _PRESETS: dict[str, ModelConfig] = {
 }
 
 
+PRESETS: tuple[str, ...] = tuple(_PRESETS)  # the preset names, in the order above
+
+
 def get_config(name: str, **overrides) -> ModelConfig:
   """A preset (`tiny`, `small`, `llama3-8b`, `qwen2.5-0.5b`, `qwen2.5-7b`, `qwen3-0.6b`, `qwen3-8b`) with overrides."""
-  if name not in _PRESETS:
-    raise ValueError(f"model: unknown preset {name!r}; choose one of {', '.join(_PRESETS)}")
+  checks.check_choice(name, "model.preset", PRESETS)
   return _PRESETS[name].replace(**overrides).validate()
 
 

@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from stepjax import checks
 from stepjax.models.transformer import KVCache, ModelConfig, Transformer, init_params
 
 Array = Any
@@ -37,8 +38,7 @@ class ValueConfig:
   init_from_policy: bool = True
 
   def validate(self) -> "ValueConfig":
-    if self.kind not in VALUE_KINDS:
-      raise ValueError(f"kind: must be one of {VALUE_KINDS}, got {self.kind!r}")
+    checks.check_choice(self.kind, "kind", VALUE_KINDS)
     return self
 
 
