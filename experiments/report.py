@@ -10,8 +10,17 @@ SFT start — and `success` / `success_sampled` the greedy / sampled held-out su
 * `summarize(records)` gives one row per method (first-appearance order): the final greedy and sampled success,
   the normalized area under the greedy success curve (`area_under_curve`) and the start success, as means over
   seeds with the half-width of their 95% Student-t confidence interval (`mean_ci`).
-* `write_results(out_dir, records, title=...)` writes results.csv, results.md, curves.png and records.json;
-  `format_table(rows)` is the markdown table alone.
+* `paired_differences(records, baseline)` compares every method with `baseline` seed by seed: runs with the same seed
+  number share the SFT start and the held-out tasks, so method - baseline is taken per shared seed and its mean gets
+  the 95% CI (PAIRED_KEYS). Each row also has the method's own RL gain (final minus start greedy success, per seed).
+  `format_paired_table(rows, baseline)` is the markdown table of those rows with its legend.
+* `write_results(out_dir, records, title=..., baseline=None)` writes results.csv, results.md, curves.png (mean
+  greedy success per method with a 95% CI band over seeds) and records.json; with a baseline also paired.csv (one
+  row of PAIRED_KEYS per method) and the paired table in results.md after the main one. `format_table(rows)` is the
+  main markdown table alone.
+
+A CI over a single seed (or a single shared seed) is nan: the tables then give the mean alone, and the paired table
+says "(no CI)" in that cell.
 
 No JAX and no scipy: `t_critical_95` inverts the Student-t CDF, written as a regularized incomplete beta function.
 Bad input raises one ValueError line naming the argument.
@@ -37,6 +46,17 @@ TABLE_HEADER = ("method", "seeds", "held-out success (greedy)", "held-out succes
 TABLE_LEGEND = ("± is the half-width of the 95% Student-t confidence interval of the mean over seeds. AUC is the "
                 "normalized area under the held-out greedy success curve over environment steps (trapezoid "
                 "integral divided by the step range, so a constant curve c has AUC c).")
+
+# The per-seed quantities that paired_differences compares: final greedy / sampled success, the greedy AUC and the RL
+# gain (final minus start greedy success).
+PAIRED_METRICS = ("final_success", "final_success_sampled", "auc", "rl_gain")
+_METRIC_LABELS = {"final_success": "final greedy success", "final_success_sampled": "final sampled success",
+                  "auc": "AUC (greedy)", "rl_gain": "RL gain over the SFT start"}
+PAIRED_KEYS = ("method", "baseline", "seeds", "paired_seeds",
+               *(f"{m}_diff_{stat}" for m in PAIRED_METRICS for stat in ("mean", "ci95", "excludes_zero")),
+               "rl_gain_mean", "rl_gain_ci95", "rl_gain_excludes_zero", "best", "best_by")
+PAIRED_HEADER = ("method", "seeds", "paired seeds", "Δ final success (greedy)", "Δ final success (sampled)",
+                 "Δ AUC (greedy)", "RL gain over SFT start (greedy)")
 
 # Phi^-1(0.975): the limit of t_critical_95(df) as df -> infinity.
 _Z975 = 1.959963984540054
@@ -221,20 +241,87 @@ def summarize(records) -> list[dict]:
   return _summary_rows(_group_runs(_as_record_list(records)))
 
 
+def _per_seed(group: dict[str, Any]) -> dict[str, np.ndarray]:
+  """The PAIRED_METRICS of each seed of a `_group_runs` group, as [seeds] arrays in the group's seed order."""
+  success = group["success"]
+  return {"final_success": success[:, -1], "final_success_sampled": group["success_sampled"][:, -1],
+          "auc": np.array([area_under_curve(steps, curve) for steps, curve in zip(group["env_steps"], success)]),
+          "rl_gain": success[:, -1] - success[:, 0]}
+
+
 def _summary_rows(groups: dict[str, dict[str, Any]]) -> list[dict]:
   rows = []
   for method, group in groups.items():
-    success, sampled = group["success"], group["success_sampled"]
-    final_mean, final_ci = mean_ci(success[:, -1])
-    sampled_mean, sampled_ci = mean_ci(sampled[:, -1])
-    auc_mean, auc_ci = mean_ci([area_under_curve(steps, curve) for steps, curve in zip(group["env_steps"], success)])
+    per_seed = _per_seed(group)
+    final_mean, final_ci = mean_ci(per_seed["final_success"])
+    sampled_mean, sampled_ci = mean_ci(per_seed["final_success_sampled"])
+    auc_mean, auc_ci = mean_ci(per_seed["auc"])
     rows.append({
         "method": method, "seeds": len(group["seeds"]),
         "final_success_mean": final_mean, "final_success_ci95": final_ci,
         "final_success_sampled_mean": sampled_mean, "final_success_sampled_ci95": sampled_ci,
         "auc_mean": auc_mean, "auc_ci95": auc_ci,
-        "start_success_mean": float(success[:, 0].mean()),
+        "start_success_mean": float(group["success"][:, 0].mean()),
     })
+  return rows
+
+
+def _mean_ci_fields(prefix: str, values) -> dict[str, Any]:
+  """{prefix}_mean, {prefix}_ci95 (nan for one value) and {prefix}_excludes_zero (False when the CI is nan)."""
+  mean, ci = mean_ci(values)
+  return {f"{prefix}_mean": mean, f"{prefix}_ci95": ci, f"{prefix}_excludes_zero": bool(abs(mean) > ci)}
+
+
+def paired_differences(records, baseline: str, metric: str = "final_success") -> list[dict]:
+  """Every method against `baseline`, paired over seed numbers: one row of PAIRED_KEYS per method, baseline included.
+
+  A row's fields:
+    method, baseline: the method and the baseline's name.
+    seeds: the method's own seed count; paired_seeds: how many seed numbers it shares with the baseline (for the
+      baseline row, its own seed count).
+    {m}_diff_mean, {m}_diff_ci95, {m}_diff_excludes_zero for m in PAIRED_METRICS: the mean over shared seeds of the
+      per-seed difference method - baseline of m, the half-width of its 95% Student-t CI (`mean_ci`; nan for one
+      shared seed) and whether that CI excludes 0 (False when nan). For the baseline row: nan, nan, False.
+    rl_gain_mean, rl_gain_ci95, rl_gain_excludes_zero: the same for the method's own RL gain, final minus start
+      greedy success, over all of its seeds (paired within each run, so every method has it, the baseline too).
+    best, best_by: `best` is True on the one method with the highest mean `metric` (one of PAIRED_METRICS) over its
+      own seeds (the first such on a tie); best_by is `metric`.
+  Rows are in first-appearance order of the methods in `records`. A method sharing no seed with the baseline, an
+  unknown baseline or metric raise one ValueError line naming the argument.
+  """
+  return _paired_rows(_group_runs(_as_record_list(records)), baseline, metric)
+
+
+def _paired_rows(groups: dict[str, dict[str, Any]], baseline: str, metric: str) -> list[dict]:
+  if metric not in PAIRED_METRICS:
+    raise ValueError(f"metric: expected one of {list(PAIRED_METRICS)}, got {metric!r}")
+  if not isinstance(baseline, str) or baseline not in groups:
+    raise ValueError(f"baseline: {baseline!r} is not a method in records; methods: {list(groups)}")
+  per_seed = {method: _per_seed(group) for method, group in groups.items()}
+  base = groups[baseline]
+  rows = []
+  for method, group in groups.items():
+    values = per_seed[method]
+    row = {"method": method, "baseline": baseline, "seeds": len(group["seeds"])}
+    if method == baseline:
+      row["paired_seeds"] = len(group["seeds"])
+      row.update({f"{m}_diff_{stat}": v for m in PAIRED_METRICS for stat, v in
+                  (("mean", float("nan")), ("ci95", float("nan")), ("excludes_zero", False))})
+    else:
+      shared = [s for s in group["seeds"] if s in base["seeds"]]
+      if not shared:
+        raise ValueError(f"records: method {method!r} shares no seed with baseline {baseline!r} (seeds "
+                         f"{sorted(group['seeds'])} vs {sorted(base['seeds'])}); paired differences need shared seeds")
+      mine = [group["seeds"].index(s) for s in shared]
+      theirs = [base["seeds"].index(s) for s in shared]
+      row["paired_seeds"] = len(shared)
+      for m in PAIRED_METRICS:
+        row.update(_mean_ci_fields(f"{m}_diff", values[m][mine] - per_seed[baseline][m][theirs]))
+    row.update(_mean_ci_fields("rl_gain", values["rl_gain"]))
+    row["best"], row["best_by"] = False, metric
+    rows.append(row)
+  means = [values[metric].mean() for values in per_seed.values()]
+  rows[int(np.argmax(means))]["best"] = True
   return rows
 
 
@@ -261,6 +348,40 @@ def format_table(rows) -> str:
     )
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
+
+
+def _signed_cell(mean: float, ci: float, excludes_zero: bool) -> str:
+  """A signed mean and its CI half-width, e.g. +0.120 ± 0.050; " *" when the CI excludes 0, "(no CI)" for nan."""
+  if math.isnan(ci):
+    return f"{mean:+.3f} (no CI)"
+  return f"{mean:+.3f} ± {ci:.3f}" + (" *" if excludes_zero else "")
+
+
+def format_paired_table(rows, baseline: str) -> str:
+  """The markdown table of `paired_differences` rows, then a blank line and a one-line legend (no trailing newline).
+
+  The baseline's row shows its seeds and RL gain, with "—" in the paired columns; "(baseline)" and "(best)" follow
+  the method names they apply to.
+  """
+  lines = ["| " + " | ".join(PAIRED_HEADER) + " |", "|" + "|".join([" --- "] + [" ---: "] * 6) + "|"]
+  for row in rows:
+    is_baseline = row["method"] == baseline
+    name = str(row["method"]).replace("|", r"\|") + (" (baseline)" if is_baseline else "")
+    name += " (best)" if row["best"] else ""
+    cells = [name, str(row["seeds"])]
+    if is_baseline:
+      cells += ["—"] * 4
+    else:
+      cells.append(str(row["paired_seeds"]))
+      cells += [_signed_cell(*(row[f"{m}_diff_{stat}"] for stat in ("mean", "ci95", "excludes_zero")))
+                for m in ("final_success", "final_success_sampled", "auc")]
+    cells.append(_signed_cell(row["rl_gain_mean"], row["rl_gain_ci95"], row["rl_gain_excludes_zero"]))
+    lines.append("| " + " | ".join(cells) + " |")
+  legend = (f"Δ is the mean over the seeds shared with {baseline} (same SFT start and held-out tasks) of the per-seed "
+            f"difference method − {baseline}; RL gain is final minus SFT-start greedy success over the method's own "
+            "seeds. ± is the half-width of the 95% Student-t CI of that mean, * marks a CI that excludes 0, (no CI) a "
+            f"single seed; (best) marks the highest mean {_METRIC_LABELS[rows[0]['best_by']]}.")
+  return "\n".join(lines) + "\n\n" + legend
 
 
 def _plot_curves(groups: dict[str, dict[str, Any]], path: str, title: str) -> None:
@@ -299,25 +420,38 @@ def _json_default(obj: Any) -> Any:
   raise TypeError(f"records: {type(obj).__name__} is not JSON serializable")
 
 
-def write_results(out_dir, records, *, title: str, notes: str = "") -> dict[str, str]:
-  """Writes results.csv, results.md, curves.png and records.json under out_dir; returns their paths by kind."""
+def _write_csv(path: str, keys: tuple, rows: list[dict]) -> None:
+  """One header line of `keys`, then a line per row; floats with 4 decimals (nan as "nan"), bools as True/False."""
+  with open(path, "w", newline="", encoding="utf-8") as f:
+    writer = csv.writer(f)
+    writer.writerow(keys)
+    for row in rows:
+      writer.writerow([f"{row[k]:.4f}" if isinstance(row[k], float) else row[k] for k in keys])
+
+
+def write_results(out_dir, records, *, title: str, notes: str = "", baseline: str | None = None) -> dict[str, str]:
+  """Writes results.csv, results.md, curves.png and records.json under out_dir; returns their paths by kind.
+
+  With a `baseline` method also paired.csv (kind "paired_csv", the `paired_differences` rows) and the paired table
+  in results.md after the main table and its legend. An unknown baseline raises before anything is written.
+  """
   records = _as_record_list(records)
   groups = _group_runs(records)  # every check runs before anything is written
   rows = _summary_rows(groups)
+  paired = None if baseline is None else _paired_rows(groups, baseline, "final_success")
   os.makedirs(out_dir, exist_ok=True)
-  paths = {kind: os.path.join(out_dir, name) for kind, name in
-           (("md", "results.md"), ("csv", "results.csv"), ("png", "curves.png"), ("json", "records.json"))}
+  files = [("md", "results.md"), ("csv", "results.csv"), ("png", "curves.png"), ("json", "records.json")]
+  files += [("paired_csv", "paired.csv")] if paired else []
+  paths = {kind: os.path.join(out_dir, name) for kind, name in files}
 
-  with open(paths["csv"], "w", newline="", encoding="utf-8") as f:
-    writer = csv.writer(f)
-    writer.writerow(SUMMARY_KEYS)
-    for row in rows:
-      writer.writerow([f"{row[k]:.4f}" if isinstance(row[k], float) else row[k] for k in SUMMARY_KEYS])
-
+  _write_csv(paths["csv"], SUMMARY_KEYS, rows)
   parts = [f"# {title}", ""]
   if notes.strip():
     parts += [notes.strip(), ""]
   parts += [format_table(rows), "", TABLE_LEGEND, ""]
+  if paired:
+    _write_csv(paths["paired_csv"], PAIRED_KEYS, paired)
+    parts += [f"## Paired over seeds vs {baseline}", "", format_paired_table(paired, baseline), ""]
   with open(paths["md"], "w", encoding="utf-8") as f:
     f.write("\n".join(parts))
 

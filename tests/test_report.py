@@ -281,3 +281,271 @@ def test_write_results_checks_records_before_writing(tmp_path):
   with pytest.raises(ValueError, match=r"^records\[1\]\.env_steps: must be strictly increasing"):
     report.write_results(tmp_path / "out", records, title="bad")
   assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------------------------
+# paired_differences, format_paired_table and write_results(baseline=...)
+# ------------------------------------------------------------------------------------------------------
+
+# method -> (seeds, shift of final success over the baseline's): "stepppo" lacks seed 3, "grpo" lacks seed 0 and
+# has seed 7, which the baseline lacks.
+PAIRED_METHODS = {"ppo": ((0, 1, 2, 3, 4), 0.0), "stepppo": ((0, 1, 2, 4), 0.3), "grpo": ((1, 2, 3, 4, 7), 0.02)}
+
+
+def paired_records():
+  """Random runs of PAIRED_METHODS, 5 evaluations each, every seed with its own env steps; the start and final
+  success of a seed are close across methods (a shared SFT start), so some paired CIs exclude 0 and some do not."""
+  rng = np.random.default_rng(5)
+  base = {seed: rng.uniform(0.1, 0.5, size=5) for seed in range(8)}
+  records = []
+  for method, (seeds, shift) in PAIRED_METHODS.items():
+    for seed in seeds:
+      success = np.clip(base[seed] + rng.normal(0, 0.02, size=5) + shift * np.linspace(0, 1, 5), 0, 1)
+      records.append({"method": method, "seed": seed,
+                      "env_steps": np.concatenate([[0], np.cumsum(rng.integers(50, 500, size=4))]).tolist(),
+                      "success": success.tolist(), "success_sampled": rng.uniform(size=5).tolist()})
+  rng.shuffle(records)
+  return records
+
+
+def reference_stat(values):
+  """Mean, t_{0.975, n-1} * sd / sqrt(n) (scipy's t quantile) and whether the CI excludes 0; nan CI for n = 1."""
+  from scipy import stats
+  values = np.asarray(values, dtype=float)
+  n = values.size
+  ci = stats.t.ppf(0.975, n - 1) * values.std(ddof=1) / math.sqrt(n) if n > 1 else float("nan")
+  return values.mean(), ci, bool(abs(values.mean()) > ci)
+
+
+def expected_cell(row, prefix):
+  """The table cell of row[prefix + "_mean" / "_ci95" / "_excludes_zero"], written out here."""
+  mean, ci, excludes_zero = (row[f"{prefix}_{stat}"] for stat in ("mean", "ci95", "excludes_zero"))
+  if math.isnan(ci):
+    return f"{mean:+.3f} (no CI)"
+  return f"{mean:+.3f} ± {ci:.3f}" + (" *" if excludes_zero else "")
+
+
+def reference_metrics(record):
+  x, y = np.array(record["env_steps"], dtype=float), np.array(record["success"])
+  auc = sum((x[i + 1] - x[i]) * (y[i] + y[i + 1]) / 2 for i in range(len(x) - 1)) / (x[-1] - x[0])
+  return {"final_success": y[-1], "final_success_sampled": record["success_sampled"][-1], "auc": auc,
+          "rl_gain": y[-1] - y[0]}
+
+
+def reference_paired_rows(records, baseline, metric="final_success"):
+  by_method = {}
+  for r in records:
+    by_method.setdefault(r["method"], {})[r["seed"]] = reference_metrics(r)
+  rows = {}
+  for method, runs in by_method.items():
+    row = {"method": method, "seeds": len(runs)}
+    shared = sorted(set(runs) & set(by_method[baseline]))
+    for m in report.PAIRED_METRICS:
+      if method != baseline:
+        diffs = [runs[s][m] - by_method[baseline][s][m] for s in shared]
+        row.update(zip([f"{m}_diff_mean", f"{m}_diff_ci95", f"{m}_diff_excludes_zero"], reference_stat(diffs)))
+    row["paired_seeds"] = len(shared)
+    row.update(zip(["rl_gain_mean", "rl_gain_ci95", "rl_gain_excludes_zero"],
+                   reference_stat([v["rl_gain"] for v in runs.values()])))
+    row["metric_mean"] = np.mean([v[metric] for v in runs.values()])
+    rows[method] = row
+  return rows
+
+
+def test_paired_differences_match_numpy_reference():
+  records = paired_records()
+  rows = report.paired_differences(records, "ppo")
+  expected = reference_paired_rows(records, "ppo")
+  order = list(dict.fromkeys(r["method"] for r in records))
+  assert [row["method"] for row in rows] == order
+  assert {m: row["paired_seeds"] for m, row in expected.items()} == {"ppo": 5, "stepppo": 4, "grpo": 4}
+  flags = []
+  for row in rows:
+    assert tuple(row) == report.PAIRED_KEYS
+    e = expected[row["method"]]
+    assert row["baseline"] == "ppo" and row["best_by"] == "final_success"
+    assert (row["seeds"], row["paired_seeds"]) == (e["seeds"], e["paired_seeds"])
+    diff_keys = [f"{m}_diff_{stat}" for m in report.PAIRED_METRICS for stat in ("mean", "ci95")]
+    if row["method"] == "ppo":
+      assert all(math.isnan(row[k]) for k in diff_keys)
+      assert not any(row[f"{m}_diff_excludes_zero"] for m in report.PAIRED_METRICS)
+    else:
+      for key in diff_keys:
+        assert row[key] == pytest.approx(e[key], rel=1e-9, abs=1e-12), key
+      for m in report.PAIRED_METRICS:
+        assert row[f"{m}_diff_excludes_zero"] is e[f"{m}_diff_excludes_zero"], m
+        flags.append(row[f"{m}_diff_excludes_zero"])
+    for key in ("rl_gain_mean", "rl_gain_ci95"):
+      assert row[key] == pytest.approx(e[key], rel=1e-9), key
+    assert row["rl_gain_excludes_zero"] is e["rl_gain_excludes_zero"]
+  assert True in flags and False in flags  # the data exercise both verdicts
+  best = max(expected, key=lambda m: expected[m]["metric_mean"])
+  assert [row["method"] for row in rows if row["best"]] == [best] == ["stepppo"]
+
+
+@pytest.mark.parametrize("metric", report.PAIRED_METRICS)
+def test_paired_differences_best_by_metric(metric):
+  records = paired_records()
+  expected = reference_paired_rows(records, "grpo", metric)
+  rows = report.paired_differences(records, "grpo", metric=metric)
+  assert all(row["best_by"] == metric for row in rows)
+  assert [row["method"] for row in rows if row["best"]] == [max(expected, key=lambda m: expected[m]["metric_mean"])]
+  # The baseline only changes which side is subtracted: grpo vs ppo is minus ppo vs grpo.
+  vs_ppo = {row["method"]: row for row in report.paired_differences(records, "ppo")}
+  grpo_row = next(row for row in rows if row["method"] == "ppo")
+  assert grpo_row["auc_diff_mean"] == pytest.approx(-vs_ppo["grpo"]["auc_diff_mean"], rel=1e-12)
+  assert grpo_row["auc_diff_ci95"] == pytest.approx(vs_ppo["grpo"]["auc_diff_ci95"], rel=1e-12)
+
+
+def test_paired_ci_uses_t4_for_five_shared_seeds():
+  """Hand numbers: differences 0.1, 0.2, 0.3, 0.4, 0.5 -> mean 0.3, sd sqrt(0.025), half-width t(4) sd / sqrt(5)."""
+  records = []
+  for seed in range(5):
+    for method, final in (("base", 0.2), ("new", 0.2 + 0.1 * (seed + 1))):
+      records.append({"method": method, "seed": seed, "env_steps": [0, 10], "success": [0.2, final],
+                      "success_sampled": [0.0, 0.0]})
+  row = report.paired_differences(records, "base")[1]
+  half = 2.7764451051977987 * math.sqrt(0.025) / math.sqrt(5)
+  assert row["final_success_diff_mean"] == pytest.approx(0.3, rel=1e-12)
+  assert row["final_success_diff_ci95"] == pytest.approx(half, rel=1e-12)
+  assert row["rl_gain_diff_mean"] == pytest.approx(0.3, rel=1e-12)  # equal starts: Δ gain = Δ final
+  assert row["auc_diff_mean"] == pytest.approx(0.15, rel=1e-12)
+  assert row["final_success_sampled_diff_mean"] == 0.0 and row["final_success_sampled_diff_ci95"] == 0.0
+  assert row["final_success_sampled_diff_excludes_zero"] is False
+  assert row["final_success_diff_excludes_zero"] is True
+
+
+def test_paired_differences_single_shared_seed_has_nan_ci():
+  records = [r for r in paired_records() if r["method"] == "ppo" or (r["method"] == "grpo" and r["seed"] in (2, 7))]
+  rows = report.paired_differences(records, "ppo")
+  grpo = next(row for row in rows if row["method"] == "grpo")
+  assert grpo["paired_seeds"] == 1 and grpo["seeds"] == 2
+  assert math.isnan(grpo["auc_diff_ci95"]) and grpo["auc_diff_excludes_zero"] is False
+  assert not math.isnan(grpo["rl_gain_ci95"])  # the gain uses both of grpo's own seeds
+  line = next(line for line in report.format_paired_table(rows, "ppo").split("\n") if line.startswith("| grpo"))
+  cells = [f"{grpo[f'{m}_diff_mean']:+.3f} (no CI)" for m in ("final_success", "final_success_sampled", "auc")]
+  assert line.endswith(" | 2 | 1 | " + " | ".join(cells + [expected_cell(grpo, "rl_gain")]) + " |")
+
+
+def test_paired_differences_rejects_bad_input():
+  records = paired_records()
+  for baseline in ("trpo", 3, None):
+    with pytest.raises(ValueError, match=r"^baseline: .* is not a method in records; methods: \[") as info:
+      report.paired_differences(records, baseline)
+    assert "\n" not in str(info.value)
+  with pytest.raises(ValueError, match=r"^metric: expected one of \['final_success', .*got 'success'$"):
+    report.paired_differences(records, "ppo", metric="success")
+  records = [r for r in records if not (r["method"] == "grpo" and r["seed"] != 7)]
+  with pytest.raises(ValueError, match=r"^records: method 'grpo' shares no seed with baseline 'ppo' \(seeds \[7\] vs "
+                     r"\[0, 1, 2, 3, 4\]\)"):
+    report.paired_differences(records, "ppo")
+  with pytest.raises(ValueError, match=r"^records: must be non-empty"):
+    report.paired_differences([], "ppo")
+
+
+PAIRED_ROW = {"method": "x", "baseline": "base", "seeds": 5, "paired_seeds": 4, "best": False, "best_by": "auc",
+              **{f"{m}_diff_{stat}": v for m in report.PAIRED_METRICS
+                 for stat, v in (("mean", 0.0), ("ci95", 0.0), ("excludes_zero", False))},
+              "rl_gain_mean": 0.0, "rl_gain_ci95": 0.0, "rl_gain_excludes_zero": False}
+
+
+def test_format_paired_table():
+  nan = float("nan")
+  no_diffs = {f"{m}_diff_{stat}": nan for m in report.PAIRED_METRICS for stat in ("mean", "ci95")}
+  rows = [
+      {**PAIRED_ROW, "method": "base", "paired_seeds": 5, "rl_gain_mean": 0.1234, "rl_gain_ci95": 0.05,
+       "rl_gain_excludes_zero": True, **no_diffs},
+      {**PAIRED_ROW, "method": "a|b", "best": True, "final_success_diff_mean": 0.2, "final_success_diff_ci95": 0.05,
+       "final_success_diff_excludes_zero": True, "final_success_sampled_diff_mean": -0.01,
+       "final_success_sampled_diff_ci95": 0.1, "auc_diff_mean": -0.3, "auc_diff_ci95": 0.1,
+       "auc_diff_excludes_zero": True, "rl_gain_mean": 0.05, "rl_gain_ci95": 0.06},
+      {**PAIRED_ROW, "method": "one", "seeds": 1, "paired_seeds": 1, "final_success_diff_mean": 0.1,
+       "final_success_diff_ci95": nan, "rl_gain_mean": 0.1, "rl_gain_ci95": nan},
+  ]
+  table, legend = report.format_paired_table(rows, "base").split("\n\n")
+  lines = table.split("\n")
+  assert lines[0] == ("| method | seeds | paired seeds | Δ final success (greedy) | Δ final success (sampled) "
+                      "| Δ AUC (greedy) | RL gain over SFT start (greedy) |")
+  assert lines[1] == "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
+  assert lines[2] == "| base (baseline) | 5 | — | — | — | — | +0.123 ± 0.050 * |"
+  assert lines[3] == (r"| a\|b (best) | 5 | 4 | +0.200 ± 0.050 * | -0.010 ± 0.100 | -0.300 ± 0.100 * "
+                      "| +0.050 ± 0.060 |")
+  assert lines[4] == "| one | 1 | 1 | +0.100 (no CI) | +0.000 ± 0.000 | +0.000 ± 0.000 | +0.100 (no CI) |"
+  assert len(lines) == 5 and "\n" not in legend
+  assert legend.startswith("Δ is the mean over the seeds shared with base ")
+  assert "* marks a CI that excludes 0" in legend and "(no CI) a single seed" in legend
+  assert legend.endswith("(best) marks the highest mean AUC (greedy).")
+
+
+def test_format_paired_table_marks_excluded_zero_from_reference():
+  records = paired_records()
+  expected = reference_paired_rows(records, "ppo")
+  lines = report.format_paired_table(report.paired_differences(records, "ppo"), "ppo").split("\n")[2:5]
+  for line in lines:
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    method = cells[0].split(" ")[0]
+    e = expected[method]
+    assert cells[-1] == expected_cell(e, "rl_gain")
+    if method != "ppo":
+      for cell, m in zip(cells[3:6], ("final_success", "final_success_sampled", "auc")):
+        assert cell == expected_cell(e, f"{m}_diff"), (method, m)
+
+
+def test_write_results_with_baseline(tmp_path):
+  records = paired_records()
+  paths = report.write_results(tmp_path, records, title="Paired", notes="Five seeds.", baseline="ppo")
+  assert paths["paired_csv"] == str(tmp_path / "paired.csv")
+  assert set(paths) == {"md", "csv", "png", "json", "paired_csv"}
+  rows = report.paired_differences(records, "ppo")
+  md = open(paths["md"], encoding="utf-8").read()
+  main = report.format_table(report.summarize(records))
+  paired = report.format_paired_table(rows, "ppo")
+  assert md == (f"# Paired\n\nFive seeds.\n\n{main}\n\n{report.TABLE_LEGEND}\n\n## Paired over seeds vs ppo\n\n"
+                f"{paired}\n")
+  with open(paths["paired_csv"], newline="", encoding="utf-8") as f:
+    reader = csv.DictReader(f)
+    assert tuple(reader.fieldnames) == report.PAIRED_KEYS
+    parsed = list(reader)
+  expected = reference_paired_rows(records, "ppo")
+  assert [row["method"] for row in parsed] == [row["method"] for row in rows]
+  for row in parsed:
+    e = expected[row["method"]]
+    assert (row["baseline"], int(row["seeds"]), int(row["paired_seeds"])) == ("ppo", e["seeds"], e["paired_seeds"])
+    assert row["best"] == str(row["method"] == "stepppo") and row["best_by"] == "final_success"
+    assert float(row["rl_gain_ci95"]) == pytest.approx(e["rl_gain_ci95"], abs=1e-4)
+    assert row["rl_gain_excludes_zero"] == str(e["rl_gain_excludes_zero"])
+    if row["method"] == "ppo":
+      assert row["auc_diff_mean"] == "nan" and row["auc_diff_excludes_zero"] == "False"
+    else:
+      assert float(row["auc_diff_mean"]) == pytest.approx(e["auc_diff_mean"], abs=1e-4)
+      assert row["final_success_diff_excludes_zero"] == str(e["final_success_diff_excludes_zero"])
+
+
+def test_write_results_without_baseline_writes_no_paired_file(tmp_path):
+  report.write_results(tmp_path, paired_records(), title="Plain")
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["curves.png", "records.json", "results.csv", "results.md"]
+  assert "Paired" not in (tmp_path / "results.md").read_text(encoding="utf-8")
+
+
+def test_write_results_checks_baseline_before_writing(tmp_path):
+  with pytest.raises(ValueError, match=r"^baseline: 'trpo' is not a method in records"):
+    report.write_results(tmp_path / "out", paired_records(), title="bad", baseline="trpo")
+  assert not (tmp_path / "out").exists()
+
+
+def test_curves_have_a_95_percent_band_per_method(tmp_path, monkeypatch):
+  from matplotlib.axes import Axes
+  bands = []
+  fill_between = Axes.fill_between
+  monkeypatch.setattr(Axes, "fill_between", lambda self, x, lo, hi, **kw: bands.append((lo, hi))
+                      or fill_between(self, x, lo, hi, **kw))
+  records = paired_records()
+  report.write_results(tmp_path, records, title="Bands")
+  assert len(bands) == len(PAIRED_METHODS)
+  for (lo, hi), method in zip(bands, dict.fromkeys(r["method"] for r in records)):
+    success = np.array([r["success"] for r in records if r["method"] == method])
+    n = len(success)
+    half = np.array([reference_stat(column)[1] for column in success.T])
+    np.testing.assert_allclose(hi - lo, 2 * half, rtol=1e-9)
+    np.testing.assert_allclose((hi + lo) / 2, success.mean(axis=0), rtol=1e-12)
+    assert n == len(PAIRED_METHODS[method][0])
