@@ -65,7 +65,11 @@ def test_is_an_environment_with_documented_sizes():
   assert isinstance(ENV, Environment)
   assert ENV.max_obs_len == max(ENV.max_obs_lens.values()) <= 150
   assert ENV.max_obs_lens["facts"] <= 100
-  assert (ENV.max_action_len, THINK_ENV.max_action_len) == (24, 64)
+  assert ENV.max_action_len == 24
+  # think: the expert's longest action (4 hops of the longest names) plus 8 spare tokens, rounded up to 8.
+  longest = max(len(THINK_TOKENIZER.encode(f"<think>the author of {a} is {b}; next the author of {b}</think>"
+                                           f"search {b}")) for a in NAMES for b in NAMES if a != b) + 1
+  assert THINK_ENV.max_action_len == -(-(longest + 8) // 8) * 8
   assert len(ENV.commands.commands) == 2 * ENV.num_entities == 64
   assert len(set(NAMES)) == len(NAMES) and all(4 <= len(name) <= 6 for name in NAMES)
 
@@ -228,13 +232,32 @@ def test_random_token_actions_never_break_anything(tokens, length, command, whic
     assert state.done or decode(obs, obs_len) == INVALID_TEXT
 
 
+def test_think_text_carries_the_decision():
+  """The expert restates the fact it just read and names the entity its command copies (hand-built texts)."""
+  hops = 3
+  run = THINK_ROLLOUT(KEYS, params(hops=hops), EXPERT)
+  for b in range(4):
+    state, _, _ = THINK_ENV.reset(jax.random.split(KEYS[b], 3)[0], params(hops=hops))  # the runner's reset key
+    chain = [NAMES[int(e)] for e in state.chain]
+    relation = [RELATIONS[int(r)] for r in state.path]
+    expected = [f"<think>find the {relation[0]} of {chain[0]} first</think>search {chain[0]}"]
+    expected += [f"<think>the {relation[i - 1]} of {chain[i - 1]} is {chain[i]}; next the {relation[i]} of {chain[i]}"
+                 f"</think>search {chain[i]}" for i in range(1, hops)]
+    expected += [f"<think>the {relation[hops - 1]} of {chain[hops - 1]} is {chain[hops]}; the answer is "
+                 f"{chain[hops]}</think>answer {chain[hops]}"]
+    for t, text in enumerate(expected):
+      tokens = np.asarray(run["action"][b, t, :run["action_len"][b, t]])
+      assert THINK_TOKENIZER.decode(tokens[:-1]) == text and tokens[-1] == THINK_TOKENIZER.end_of_step_id
+      assert tokens[:-1].tolist() == THINK_TOKENIZER.encode(text)  # fragments compose to the text's own tokens
+
+
 def test_think_format_expert_succeeds_and_plain_commands_are_invalid():
   run = THINK_ROLLOUT(KEYS, params(hops=3), EXPERT)
   assert run["success"].any(axis=1).all()
   first_action = THINK_TOKENIZER.decode(run["action"][0, 0, :run["action_len"][0, 0]])
   assert first_action.startswith("<think>") and "</think>search " in first_action
   last_action = THINK_TOKENIZER.decode(run["action"][0, 3, :run["action_len"][0, 3]])
-  assert last_action.startswith("<think>I know the answer.</think>answer ")
+  assert last_action.startswith("<think>the ") and "; the answer is " in last_action and "</think>answer " in last_action
   assert run["action_len"].max() <= THINK_ENV.max_action_len
 
   plain_action, plain_len = action_of("search Zorva", THINK_TOKENIZER, THINK_ENV.max_action_len)

@@ -133,16 +133,20 @@ class CommandTable:
     same = same & (self.lengths == length - start) & ok
     return jnp.where(jnp.any(same), jnp.argmax(same), -1).astype(jnp.int32)
 
-  def encode(self, index: Array, action_len_max: int, end_of_step_id: int, think_ids: Sequence[int] = ()):
+  def encode(self, index: Array, action_len_max: int, end_of_step_id: int, think_ids: Sequence[int] = (),
+             prefix: tuple[Array, Array] | None = None):
     """Command index -> (action [action_len_max] int32, length): the canonical tokens of that command followed by
-    end-of-step (the scripted expert's actions). `think_ids`, if given, are prepended (the harness format)."""
-    prefix = jnp.asarray(list(think_ids), jnp.int32)
-    n_prefix = prefix.shape[0]
+    end-of-step (the scripted expert's actions). A think section goes in front (the harness format): fixed ids in
+    `think_ids`, or `prefix` = (tokens [P] int32, length []) computed under jit (e.g. composed from `Fragments`)."""
+    if prefix is None:
+      ids = jnp.asarray(list(think_ids), jnp.int32)
+      prefix = (ids, jnp.int32(ids.shape[0]))
+    prefix_tokens, n_prefix = prefix
     cmd_len = self.lengths[index]
-    body = self.ids[index]
     pos = jnp.arange(action_len_max)
-    from_cmd = jnp.take(body, pos - n_prefix, mode="fill", fill_value=0)
-    tokens = jnp.where(pos < n_prefix, jnp.take(prefix, pos, mode="fill", fill_value=0) if n_prefix else 0, from_cmd)
+    from_cmd = jnp.take(self.ids[index], pos - n_prefix, mode="fill", fill_value=0)
+    from_prefix = jnp.take(prefix_tokens, pos, mode="fill", fill_value=0) if prefix_tokens.shape[0] else 0
+    tokens = jnp.where(pos < n_prefix, from_prefix, from_cmd)
     tokens = jnp.where(pos == n_prefix + cmd_len, end_of_step_id, tokens)
     length = n_prefix + cmd_len + 1
     return jnp.where(pos < length, tokens, 0).astype(jnp.int32), length.astype(jnp.int32)

@@ -23,7 +23,9 @@ answers early, at random: measured 0.027-0.035 over 4096 episodes at hops 1-4), 
 
 Sizes with ByteTokenizer and the defaults (32 entities, max_hops 4): initial observation <= 119 tokens, search
 result <= 62, answer <= 21, invalid-action feedback 55; max_obs_len 119. The expert's actions take up to 13 tokens
-plain (`answer Lenta` + end of step) and 36 with its think section.
+plain (`answer Lenta` + end of step); with its think section (THINK_TEXTS) they vary with the step and the names,
+up to about 80 bytes. With `tokenizers.WordTokenizer(vocabulary())` a name or relation is one token and the
+expert's think-format steps of a 2-hop question take 17, 28 and 26 tokens.
 """
 
 from __future__ import annotations
@@ -57,16 +59,18 @@ SUCCESS_REWARD = 1.0
 
 INTRO_TEXT = "Answer with: search <name>, answer <name>.\n"
 INVALID_TEXT = "Invalid action. Use: search <name> or answer <name>.\n> "
-# The expert's think sections (step_format="think"): which of the two moves it is making.
-THINK_SEARCH_TEXT = "<think>I need the next fact.</think>"
-THINK_ANSWER_TEXT = "<think>I know the answer.</think>"
+# The expert's think sections (step_format="think") carry the decision: the fact just read and what it implies,
+#   first step:   <think>find the mentor of Zorva first</think>search Zorva
+#   middle steps: <think>the mentor of Zorva is Kalin; next the city of Kalin</think>search Kalin
+#   answer:       <think>the city of Kalin is Jorn; the answer is Jorn</think>answer Jorn
+# so the think text is part of the skill (it restates the fact to follow and names the entity the command copies).
+THINK_TEXTS = ("<think>", "</think>", "find the ", " first", "the ", " is ", "; next the ", "; the answer is ")
 
 
 def vocabulary() -> tuple[str, ...]:
   """Every word this environment writes (entity names, relations, the fixed texts), for `tokenizers.WordTokenizer`:
   with it a name is one token in the question, in the facts and in the command that copies it."""
-  texts = [INTRO_TEXT, INVALID_TEXT, THINK_SEARCH_TEXT, THINK_ANSWER_TEXT, "Q: what is the of the of", "Correct.",
-           "Wrong, it was"]
+  texts = [INTRO_TEXT, INVALID_TEXT, *THINK_TEXTS, "Q: what is the of the of", "Correct.", "Wrong, it was"]
   words = list(ENTITY_NAMES) + list(RELATIONS) + re.findall(r"\w+", " ".join(texts))
   return tuple(dict.fromkeys(words))
 
@@ -122,8 +126,6 @@ class LookupQA(Environment):
     # Command c: search entity c for c < N, answer entity c - N otherwise.
     self.commands = CommandTable(tokenizer, [f"search {e}" for e in names] + [f"answer {e}" for e in names],
                                  think=step_format == "think")
-    self._think_search_ids = tokenizer.encode(THINK_SEARCH_TEXT) if step_format == "think" else []
-    self._think_answer_ids = tokenizer.encode(THINK_ANSWER_TEXT) if step_format == "think" else []
 
     texts: list[str] = []
 
@@ -146,6 +148,8 @@ class LookupQA(Environment):
     self._wrong = add("Wrong, it was ")
     self._wrong_end = add(".\n")
     self._invalid = add(INVALID_TEXT)
+    # The think section's pieces come after every observation text (" of " is shared).
+    self._think = {text: add(text) for text in THINK_TEXTS if text != " of "} if step_format == "think" else {}
     self.fragments = Fragments(tokenizer, texts)
 
     num_relations = len(RELATIONS)
@@ -168,9 +172,15 @@ class LookupQA(Environment):
       fail("max_obs_len", f"an observation can take {worst} tokens with this tokenizer, got {max_obs_len}")
     self.max_obs_len = worst if max_obs_len is None else max_obs_len
 
-    longest_think = max(len(self._think_search_ids), len(self._think_answer_ids))
-    expert_len = longest_think + int(self.commands.lengths.max()) + 1
-    self.max_action_len = (24 if step_format == "plain" else 64) if max_action_len is None else max_action_len
+    self._max_think_len = 0
+    if step_format == "think":
+      worst_thinks = self._think_slot_layouts(*(longest_name, longest_relation) * 3)
+      self._num_think_slots = max(len(slots) for slots in worst_thinks)
+      self._max_think_len = max(self.fragments.max_len_of(slots) for slots in worst_thinks)
+    expert_len = self._max_think_len + int(self.commands.lengths.max()) + 1
+    if max_action_len is None:  # room for the expert's longest action and a little more
+      max_action_len = 24 if step_format == "plain" else -(-(expert_len + 8) // 8) * 8
+    self.max_action_len = max_action_len
     if self.max_action_len < expert_len:
       fail("max_action_len", f"the expert's actions take up to {expert_len} tokens, got {max_action_len}")
 
@@ -202,6 +212,30 @@ class LookupQA(Environment):
                               self._name0 + state.facts[entity], separator], axis=1).reshape(-1)
     slots = jnp.concatenate([jnp.stack([self._name0 + entity, jnp.int32(self._colon)]), per_relation])
     return self._pad_slots(slots.astype(jnp.int32))
+
+  def _think_slot_layouts(self, first_name, first_relation, previous_name, relation, name, next_relation):
+    """Fragment slots of the expert's three think sections (see THINK_TEXTS): the first step ("find the r1 of e0
+    first"), a middle step ("the r of previous is name; next the next_relation of name") and the answer ("the r of
+    previous is name; the answer is name"). Arguments are fragment indices (ints, or traced int32)."""
+    t = self._think
+    first = [t["<think>"], t["find the "], first_relation, self._of, first_name, t[" first"], t["</think>"]]
+    fact = [t["<think>"], t["the "], relation, self._of, previous_name, t[" is "], name]
+    middle = fact + [t["; next the "], next_relation, self._of, name, t["</think>"]]
+    answer = fact + [t["; the answer is "], name, t["</think>"]]
+    return first, middle, answer
+
+  def _think_slots(self, state: LookupQAState, hop: Array) -> Array:
+    """The expert's think section at chain position `hop` (searching chain[hop], or answering when hop == hops)
+    -> [num_think_slots] fragment indices (-1 = nothing)."""
+    last = self.max_hops - 1
+    name = lambda e: self._name0 + state.chain[e]  # noqa: E731
+    relation = lambda r: self._relation0 + state.path[jnp.clip(r, 0, last)]  # noqa: E731
+    before = jnp.maximum(hop - 1, 0)
+    layouts = self._think_slot_layouts(name(0), relation(0), name(before), relation(before), name(hop),
+                                       relation(hop))
+    first, middle, answer = (jnp.asarray(slots + [-1] * (self._num_think_slots - len(slots)), jnp.int32)
+                             for slots in layouts)
+    return jnp.where(hop == 0, first, jnp.where(hop >= state.hops, answer, middle))
 
   def _answer_slots(self, correct: Array, answer: Array) -> Array:
     """"Correct." or "Wrong, it was <answer>." -> [num_slots]."""
@@ -263,13 +297,13 @@ class LookupQA(Environment):
     on_path = jnp.arange(self.max_hops) < state.hops
     to_search = on_path & ~state.searched[state.chain[:self.max_hops]]
     searching = jnp.any(to_search)
-    command = jnp.where(searching, state.chain[jnp.argmax(to_search)], self.num_entities + state.chain[state.hops])
+    hop = jnp.where(searching, jnp.argmax(to_search), state.hops)
+    command = jnp.where(searching, state.chain[hop], self.num_entities + state.chain[state.hops])
     eos = self.tokenizer.end_of_step_id
     if self.step_format == "plain":
       return self.commands.encode(command, self.max_action_len, eos)
-    search_tokens, search_len = self.commands.encode(command, self.max_action_len, eos, self._think_search_ids)
-    answer_tokens, answer_len = self.commands.encode(command, self.max_action_len, eos, self._think_answer_ids)
-    return jnp.where(searching, search_tokens, answer_tokens), jnp.where(searching, search_len, answer_len)
+    think = self.fragments.compose(self._think_slots(state, hop), self._max_think_len)
+    return self.commands.encode(command, self.max_action_len, eos, prefix=think)
 
   def question_text(self, state: LookupQAState) -> str:
     """The question of one concrete state, as the initial observation words it (host side)."""

@@ -393,21 +393,17 @@ class TextWorldLite(TextWorldLiteText, Environment):
     "<think>fetch the apple</think>" / "<think>put the apple in the box</think>" / "<think>take the apple to the
     study</think>"."""
     del key, params
-    command_tokens, command_len = self.command_table.encode(self.expert_command(state), self.max_action_len,
-                                                            self.tokenizer.end_of_step_id)
+    command, eos = self.expert_command(state), self.tokenizer.end_of_step_id
     if self.step_format != "think":
-      return command_tokens, command_len
+      return self.command_table.encode(command, self.max_action_len, eos)
     num_rooms, _, num_containers, num_objects = self._counts()
     goal, target = state.goal_object, state.goal_target
     carried = state.object_location[goal] == self.carried
     plan = jnp.where(~carried, goal, jnp.where(state.goal_is_put, num_objects + goal * num_containers + target,
                                                num_objects * (1 + num_containers) + goal * num_rooms + target))
     plan = jnp.clip(plan, 0, self.think_ids.shape[0] - 1)
-    think_tokens, think_len = self.think_ids[plan], self.think_lengths[plan]
-    pos = jnp.arange(self.max_action_len)
-    tokens = jnp.where(pos < think_len, jnp.take(think_tokens, pos, mode="fill", fill_value=0),
-                       jnp.take(command_tokens, pos - think_len, mode="fill", fill_value=0))
-    return tokens.astype(jnp.int32), (think_len + command_len).astype(jnp.int32)
+    return self.command_table.encode(command, self.max_action_len, eos,
+                                     prefix=(self.think_ids[plan], self.think_lengths[plan]))
 
   # -- host side ------------------------------------------------------------------------------------------------
   def render(self, state: TextWorldLiteState) -> str:
