@@ -70,7 +70,10 @@ THINK_TEXTS = ("<think>", "</think>", "find the ", " first", "the ", " is ", "; 
 def vocabulary() -> tuple[str, ...]:
   """Every word this environment writes (entity names, relations, the fixed texts), for `tokenizers.WordTokenizer`:
   with it a name is one token in the question, in the facts and in the command that copies it."""
-  texts = [INTRO_TEXT, INVALID_TEXT, *THINK_TEXTS, "Q: what is the of the of", "Correct.", "Wrong, it was"]
+  # Words keep their ids across releases (trained models and results stay comparable): new words go at the end.
+  # ("I need the next fact", "I know the answer" were the think texts of the first release.)
+  texts = [INTRO_TEXT, INVALID_TEXT, "<think>I need the next fact.</think>", "<think>I know the answer.</think>",
+           "Q: what is the of the of", "Correct.", "Wrong, it was", *THINK_TEXTS]
   words = list(ENTITY_NAMES) + list(RELATIONS) + re.findall(r"\w+", " ".join(texts))
   return tuple(dict.fromkeys(words))
 
