@@ -14,9 +14,10 @@ $(STAMP): setup.py constraints.txt
 	touch $(STAMP)
 
 # The main job: SFT warm start, then StepPO vs token-level PPO vs GRPO (3 seeds each) on the embedded default
-# environment; prints the held-out results table and writes runs/demo/results.md and curves.png.
+# environment in its one-hop regime; prints the held-out results table and writes runs/demo/results.md (with the
+# paired comparison against StepPO and the training diagnostics) and curves.png.
 demo: $(STAMP)
-	$(PY) experiments/ablation.py --name=demo --methods=steppo,token_ppo,grpo --seeds=3
+	$(PY) experiments/ablation.py --name=demo --methods=steppo,token_ppo,grpo --seeds=3 --regime=one_hop
 
 # Two workers (one per core); whole files per worker so each file's compiled functions are reused. tests/conftest.py
 # gives every run 8 fake CPU devices for the mesh tests.

@@ -1,13 +1,16 @@
 """A grid of methods x seeds on one environment, reported with 95% CIs over seeds.
 
-  python experiments/ablation.py --name=demo --methods=steppo,token_ppo,grpo --seeds=3
-  python experiments/ablation.py --name=full --methods=steppo,token_ppo,grpo,rloo,reinforce_pp,gigpo --seeds=5
+  python experiments/ablation.py --name=demo --methods=steppo,token_ppo,grpo --seeds=3 --regime=one_hop
+  python experiments/ablation.py --name=steps --methods=steppo,steppo_exact,token_ppo,token_ppo_lam95,grpo \
+      --seeds=5 --set=sft.per_seed=true
 
 Each method is a config file in experiments/configs/ (`--set=algo.gamma=0.99` overrides a field of every method's
 config; repeatable). The SFT warm start (one for all seeds, or one per seed with sft.per_seed) is computed once and
 shared by every method: same start, same held-out tasks, a paired comparison. Seeds are vmapped in one program per
 method. Writes runs/<name>/<method>/ (logs, checkpoints) and runs/<name>/results.md, results.csv, curves.png and
-records.json.
+records.json; with --baseline (default steppo, when it runs) also paired.csv and the paired table, and results.md
+ends with the training diagnostics (critic explained variance at steps vs tokens, advantages per step index, clip
+fraction, KL, entropy, tokens per step). --regime applies a named set of overrides (configs/presets.py REGIMES).
 """
 
 import importlib
@@ -20,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from absl import app, flags, logging  # noqa: E402
 
 from experiments import report, runner  # noqa: E402
+from experiments.configs import presets  # noqa: E402
 
 _NAME = flags.DEFINE_string("name", "demo", "Study name: results go to <runs_dir>/<name>/.")
 _METHODS = flags.DEFINE_list("methods", ["steppo", "token_ppo", "grpo"], "Config names in experiments/configs/.")
@@ -30,6 +34,10 @@ _SFT_STEPS = flags.DEFINE_integer("sft_steps", None, "Override sft.steps.")
 _SET = flags.DEFINE_multi_string("set", [], "field=value overrides applied to every method's config.")
 _RUNS_DIR = flags.DEFINE_string("runs_dir", "runs", "Root folder of all studies.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show progress bars.")
+_REGIME = flags.DEFINE_string("regime", None, "A named set of overrides from experiments/configs/presets.py REGIMES "
+                              "(e.g. one_hop); --set wins over it.")
+_BASELINE = flags.DEFINE_string("baseline", "steppo", "Method the others are compared with, paired over seeds (none: "
+                                "no paired table; skipped when it is not among --methods).")
 
 # Fields every method of a study must share: the SFT start is computed once from them.
 SHARED_SECTIONS = ("env", "tokenizer", "model", "rollout", "sft", "train")
@@ -83,30 +91,39 @@ def study_configs(methods, seeds: int, overrides: dict) -> list:
   return setups
 
 
-def run_study(name: str, setups: list, runs_dir: str = "runs", *, print_fn=print) -> dict:
-  """Runs every method's setup (SFT start shared), writes the results files; returns report.write_results' paths +
-  rows."""
+def run_study(name: str, setups: list, runs_dir: str = "runs", *, baseline: str | None = None,
+              print_fn=print) -> dict:
+  """Runs every method's setup (SFT start shared), writes the results files (with the paired comparison against
+  `baseline` and the training diagnostics); returns report.write_results' paths + rows."""
+  methods = [setup.config.name for setup in setups]
+  if baseline is not None and baseline not in methods:
+    raise ValueError(f"baseline: {baseline!r} is not among the methods {methods}")
   out_dir = os.path.join(runs_dir, name)
   os.makedirs(out_dir, exist_ok=True)
   start = time.perf_counter()
   configs = [setup.config for setup in setups]
   sft_params = runner.warm_start(setups[0], progress=configs[0].log.progress,
                                  log=lambda line: runner._append_jsonl(os.path.join(out_dir, "sft.jsonl"), line))
-  records = []
+  records, diagnostics = [], {}
   for setup in setups:
     config = setup.config
-    result = runner.run(config, os.path.join(out_dir, config.name), sft_params=sft_params, setup=setup,
-                        print_fn=print_fn)
+    workdir = os.path.join(out_dir, config.name)
+    result = runner.run(config, workdir, sft_params=sft_params, setup=setup, print_fn=print_fn)
     records.extend(result["records"])
+    diagnostics[config.name] = runner._read_jsonl(os.path.join(workdir, "metrics.jsonl"))
   c = configs[0]
-  notes = (f"Environment {c.env.name} (hops={c.env.hops}, {c.env.num_entities} entities), tokenizer "
+  env_notes = {"lookup_qa": f"hops={c.env.hops}, {c.env.num_entities} entities", "textworld_lite":
+               f"{c.env.num_rooms} rooms", "grid_nav": f"size {c.env.size}"}.get(c.env.name, "")
+  notes = (f"Environment {c.env.name} ({env_notes}, step format {c.env.step_format!r}, max_steps "
+           f"{c.rollout.max_steps}, max_len {c.rollout.max_len}), tokenizer "
            f"{c.tokenizer!r}, model {c.model.preset} overridden to {c.model.num_layers} layers x "
            f"{c.model.hidden_size}; SFT warm start {c.sft.steps} steps on scripted-expert episodes (shared by all "
            f"methods{', per seed' if c.sft.per_seed else ', one for all seeds'}); then {c.train.iterations} RL "
            f"iterations of {c.rollout.num_tasks} tasks x {c.rollout.episodes_per_task} episodes; held-out evaluation "
            f"on {c.train.eval_episodes} episodes every {c.train.eval_every} iterations; {c.train.seeds} seeds. "
            f"Wall time {time.perf_counter() - start:.0f} s.")
-  paths = report.write_results(out_dir, records, title=f"{name}: held-out success on {c.env.name}", notes=notes)
+  paths = report.write_results(out_dir, records, title=f"{name}: held-out success on {c.env.name}", notes=notes,
+                               baseline=baseline, diagnostics=diagnostics)
   rows = report.summarize(records)
   print_fn("\n" + report.format_table(rows) + "\n")
   print_fn(f"results: {paths['md']}  {paths['csv']}\nplot: {paths['png']}")
@@ -117,6 +134,10 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
   overrides = {}
+  if _REGIME.value is not None:
+    if _REGIME.value not in presets.REGIMES:
+      sys.exit(f"regime: unknown {_REGIME.value!r}; allowed: {', '.join(presets.REGIMES)}")
+    overrides.update(presets.REGIMES[_REGIME.value])
   for item in _SET.value:
     field, sep, value = item.partition("=")
     if not sep:
@@ -131,7 +152,8 @@ def main(argv):
     setups = study_configs(_METHODS.value, _SEEDS.value, overrides)
   except ValueError as error:
     sys.exit(f"config.{error}" if not str(error).startswith(("methods", "set")) else str(error))
-  run_study(_NAME.value, setups, _RUNS_DIR.value)
+  baseline = _BASELINE.value if _BASELINE.value in _METHODS.value else None
+  run_study(_NAME.value, setups, _RUNS_DIR.value, baseline=baseline)
 
 
 if __name__ == "__main__":

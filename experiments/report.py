@@ -429,11 +429,57 @@ def _write_csv(path: str, keys: tuple, rows: list[dict]) -> None:
       writer.writerow([f"{row[k]:.4f}" if isinstance(row[k], float) else row[k] for k in keys])
 
 
-def write_results(out_dir, records, *, title: str, notes: str = "", baseline: str | None = None) -> dict[str, str]:
+# Training metrics (metrics.jsonl) that say why one credit level beats another: name in the log -> column header.
+DIAGNOSTICS = {
+    "tokens_per_step": "tokens / step",
+    "clip_frac": "clip frac",
+    "approx_kl": "KL (approx)",
+    "entropy": "entropy",
+    "critic_ev_steps": "critic EV (steps)",
+    "critic_ev_tokens": "critic EV (tokens)",
+    "adv_step0_std": "adv std (step 0)",
+    "adv_step1_std": "adv std (step 1)",
+    "adv_step2_std": "adv std (step 2)",
+}
+DIAGNOSTICS_LEGEND = ("Each cell: the mean over the last third of the training iterations, then over seeds (± the 95% "
+                      "CI over seeds). critic EV is the critic's explained variance of the undiscounted return-to-go, "
+                      "read at step boundaries (steps) or before every action token (tokens), whatever level the "
+                      "method reads it at; adv std (step t) is the std of the per-step advantages at step index t; "
+                      "— where a method has no such metric (no critic).")
+
+
+def diagnostics_table(metrics: dict[str, list[dict]]) -> str:
+  """Markdown table of `DIAGNOSTICS` per method from metrics.jsonl lines ({"iteration", "seed", name: value}),
+  averaged over each seed's last third of iterations, then over seeds with a 95% CI."""
+  if not isinstance(metrics, dict) or not metrics:
+    raise ValueError("metrics: expected a non-empty mapping of method -> metrics.jsonl lines")
+  rows = []
+  for method, lines in metrics.items():
+    last = max(line["iteration"] for line in lines)
+    tail = [line for line in lines if line["iteration"] > last - max(1, last // 3)]
+    cells = []
+    for name in DIAGNOSTICS:
+      per_seed = {}
+      for line in tail:
+        if name in line and math.isfinite(line[name]):
+          per_seed.setdefault(line["seed"], []).append(line[name])
+      if per_seed:
+        cells.append(_mean_pm_ci(*mean_ci([float(np.mean(v)) for v in per_seed.values()])))
+      else:
+        cells.append("—")
+    rows.append(f"| {method} | " + " | ".join(cells) + " |")
+  header = "| method | " + " | ".join(DIAGNOSTICS.values()) + " |"
+  rule = "| --- | " + " | ".join("---:" for _ in DIAGNOSTICS) + " |"
+  return "\n".join([header, rule, *rows])
+
+
+def write_results(out_dir, records, *, title: str, notes: str = "", baseline: str | None = None,
+                  diagnostics: dict[str, list[dict]] | None = None) -> dict[str, str]:
   """Writes results.csv, results.md, curves.png and records.json under out_dir; returns their paths by kind.
 
   With a `baseline` method also paired.csv (kind "paired_csv", the `paired_differences` rows) and the paired table
-  in results.md after the main table and its legend. An unknown baseline raises before anything is written.
+  in results.md after the main table and its legend. An unknown baseline raises before anything is written. With
+  `diagnostics` (method -> its metrics.jsonl lines) results.md ends with `diagnostics_table`.
   """
   records = _as_record_list(records)
   groups = _group_runs(records)  # every check runs before anything is written
@@ -452,6 +498,8 @@ def write_results(out_dir, records, *, title: str, notes: str = "", baseline: st
   if paired:
     _write_csv(paths["paired_csv"], PAIRED_KEYS, paired)
     parts += [f"## Paired over seeds vs {baseline}", "", format_paired_table(paired, baseline), ""]
+  if diagnostics:
+    parts += ["## Diagnostics (training)", "", diagnostics_table(diagnostics), "", DIAGNOSTICS_LEGEND, ""]
   with open(paths["md"], "w", encoding="utf-8") as f:
     f.write("\n".join(parts))
 

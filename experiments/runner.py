@@ -36,6 +36,7 @@ import ml_collections
 import numpy as np
 
 from experiments import report
+from experiments.configs import presets
 from stepjax import checks
 from stepjax import credit as credit_lib
 from stepjax import losses
@@ -45,7 +46,7 @@ from stepjax.envs import grid_nav, lookup_qa, textworld_lite
 from stepjax.models import hf
 from stepjax.models.transformer import PRESETS, ModelConfig, get_config
 from stepjax.models.value import ValueConfig
-from stepjax.tokenizers import BYTE_SPEC, WordTokenizer, load_tokenizer
+from stepjax.tokenizers import BYTE_SPEC, ByteTokenizer, WordTokenizer, load_tokenizer
 
 JAX_ENVS = ("lookup_qa", "textworld_lite", "grid_nav")
 CRITICS = ("head", "separate", "none")
@@ -83,35 +84,42 @@ class Setup:
   seeds: tuple[int, ...]
 
 
+THINK_TOKENS = ("<think>", "</think>")
+
+
 def _tokenizer(config):
+  """The tokenizer named by config.tokenizer; the think step format adds its two special tokens to byte and word
+  tokenizers (a tokenizer.json must already have them)."""
   spec, env_name = config.tokenizer, config.env.name
+  extra = THINK_TOKENS if config.env.step_format == "think" else ()
   if spec == "word":
     if env_name != "lookup_qa":
-      checks.fail("tokenizer", f"'word' needs an environment with a word vocabulary (lookup_qa), not {env_name!r}; use "
-            f"{BYTE_SPEC!r} or a tokenizer.json path")
-    return WordTokenizer(lookup_qa.vocabulary())
-  if not isinstance(spec, str) or not (spec == BYTE_SPEC or os.path.exists(spec)):
+      checks.fail("tokenizer", f"'word' needs an environment with a word vocabulary (lookup_qa), not {env_name!r}; "
+                  f"use {BYTE_SPEC!r} or a tokenizer.json path")
+    return WordTokenizer(lookup_qa.vocabulary(), extra_special_tokens=extra)
+  if spec == BYTE_SPEC:
+    return ByteTokenizer(extra_special_tokens=extra)
+  if not isinstance(spec, str) or not os.path.exists(spec):
     checks.fail("tokenizer", f"{spec!r} is not allowed; use 'byte', 'word' or an existing tokenizer.json path")
   return load_tokenizer(spec)
 
 
 def _jax_env(config, tokenizer):
   e, r = config.env, config.rollout
-  if e.name == "lookup_qa":
-    with checks.section("env"):
+  with checks.section("env"):
+    if e.name == "lookup_qa":
       env = lookup_qa.LookupQA(tokenizer, num_entities=e.num_entities, max_hops=e.max_hops,
                                max_action_len=r.max_action_len, step_format=e.step_format)
-    if not 1 <= e.hops <= e.max_hops:
-      checks.fail("env.hops", f"must be in [1, env.max_hops={e.max_hops}], got {e.hops!r}")
-    params = env.default_params().replace(hops=e.hops, max_steps=r.max_steps, invalid_penalty=e.invalid_penalty)
-  elif e.name == "textworld_lite":
-    with checks.section("env"):
-      env = textworld_lite.TextWorldLite(tokenizer, max_action_len=r.max_action_len, step_format=e.step_format)
-    params = env.default_params().replace(max_steps=r.max_steps)
-  else:
-    with checks.section("env"):
-      env = grid_nav.GridNav(tokenizer, max_action_len=r.max_action_len, step_format=e.step_format)
-    params = env.default_params().replace(max_steps=r.max_steps, invalid_penalty=e.invalid_penalty)
+      if not 1 <= e.hops <= e.max_hops:
+        checks.fail("hops", f"must be in [1, env.max_hops={e.max_hops}], got {e.hops!r}")
+      params = env.default_params().replace(hops=e.hops, max_steps=r.max_steps, invalid_penalty=e.invalid_penalty)
+    elif e.name == "textworld_lite":
+      env = textworld_lite.TextWorldLite(tokenizer, num_rooms=e.num_rooms, max_action_len=r.max_action_len,
+                                         step_format=e.step_format)
+      params = env.default_params().replace(max_steps=r.max_steps)
+    else:
+      env = grid_nav.GridNav(tokenizer, max_size=e.size, max_action_len=r.max_action_len, step_format=e.step_format)
+      params = env.default_params().replace(size=e.size, max_steps=r.max_steps, invalid_penalty=e.invalid_penalty)
   return env, params
 
 
@@ -158,8 +166,12 @@ def _update_config(config) -> train.UpdateConfig:
 
 
 def build(config: ml_collections.ConfigDict) -> Setup:
-  """Checks every field and builds the pieces; a bad field is one ValueError line naming it (nothing compiled)."""
+  """Checks every field and builds the pieces; a bad field is one ValueError line naming it (nothing compiled).
+
+  Fields left None take the environment's preset (`configs.presets`); `Setup.config` is the resolved config.
+  """
   checks.check_choice(config.env.name, "env.name", JAX_ENVS)
+  config = presets.resolve(config)
   t = config.train
   iterations = _positive_int(t.iterations, "train.iterations")
   eval_every = _positive_int(t.eval_every, "train.eval_every")
@@ -372,6 +384,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, resume: bool = False
   directory is a one-line FileNotFoundError, raised before anything compiles).
   """
   setup = build(config) if setup is None else setup
+  config = setup.config  # presets resolved: config.json records what ran
   t, name = config.train, config.name
   os.makedirs(workdir, exist_ok=True)
   checkpoint_dir = os.path.join(workdir, "checkpoints")

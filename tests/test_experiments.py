@@ -1,5 +1,6 @@
 """experiments/: config validation, the runner (logs, checkpoints, exact resume), the ablation grid and its files."""
 
+import dataclasses
 import json
 import os
 
@@ -8,14 +9,26 @@ import numpy as np
 import pytest
 
 from experiments import ablation, runner
-from experiments.configs import base, gigpo, grpo, reinforce_pp, rloo, steppo, token_ppo
-from stepjax import train
+from experiments.configs import (base, gigpo, grpo, presets, reinforce_pp, rloo, steppo, steppo_exact, token_ppo,
+                                 token_ppo_lam95)
+from stepjax import rollout, train
+from stepjax.models import Transformer
+from stepjax.models.transformer import PRESETS
 
-ALL_CONFIGS = (steppo, token_ppo, grpo, rloo, reinforce_pp, gigpo)
+ALL_CONFIGS = (steppo, steppo_exact, token_ppo, token_ppo_lam95, grpo, rloo, reinforce_pp, gigpo)
+
+
+def one_hop(config):
+  """The cheap lookup_qa regime the runner tests were sized for: one hop, plain commands of 2-3 tokens, L = 128."""
+  config.env.update(step_format="plain", hops=1, max_hops=1, num_entities=16)
+  config.rollout.update(max_steps=4, max_len=128, max_action_len=6)
+  config.model.max_position_embeddings = 512
+  return config
 
 
 def small(config, **train):
-  """A few-second version of a config: a 1-layer 32-wide model, 2 x 2 episodes, 2 seeds."""
+  """A few-second version of a config: one hop, a 1-layer 32-wide model, 2 x 2 episodes, 2 seeds."""
+  one_hop(config)
   config.model.update(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16)
   config.rollout.update(num_tasks=2, episodes_per_task=2)
   config.algo.minibatches = 2
@@ -32,6 +45,35 @@ def test_every_config_builds(module):
   assert setup.model_config.vocab_size >= setup.tokenizer.vocab_size
 
 
+@pytest.mark.parametrize("env_name", sorted(presets.ENV_PRESETS))
+def test_every_environment_is_one_flag_away(env_name):
+  """env.name alone picks a consistent tokenizer, step format, lengths and budgets; the scripted expert's episodes
+  fit them (every task solved, no step cut short, no context overflow); a field set explicitly wins."""
+  config = steppo.get_config()
+  config.env.name = env_name
+  setup = runner.build(config)
+  preset = presets.ENV_PRESETS[env_name]
+  assert setup.config.tokenizer == preset[""]["tokenizer"]
+  for section in ("env", "rollout", "model"):
+    for field, value in preset[section].items():
+      assert setup.config[section][field] == value, (section, field)
+  assert {"<think>", "</think>"} <= set(setup.tokenizer.special_ids)  # the think format is reachable
+  assert setup.env.max_action_len <= setup.rollout_config.max_action_len
+  assert setup.rollout_config.max_len <= setup.model_config.max_position_embeddings
+  expert_config = dataclasses.replace(setup.rollout_config, num_tasks=8, episodes_per_task=1)
+  model = Transformer(setup.model_config.replace(hidden_size=16, intermediate_size=32, num_layers=1, num_heads=1,
+                                                 num_kv_heads=1, head_dim=16))
+  params = model.init(jax.random.key(0), np.zeros((1, 1), np.int32))["params"]
+  batch, info = rollout.rollout(params, setup.env, setup.env_params, jax.random.key(1), expert_config, model,
+                                actor="expert")
+  assert bool(np.all(info.success)) and not bool(np.any(batch.truncated))
+  lengths = np.asarray(batch.step_len)[np.asarray(batch.step_mask)]
+  assert lengths.mean() >= 16 and lengths.max() <= setup.rollout_config.max_action_len  # long steps
+  config.rollout.max_len = 2048  # an explicit field wins over the preset
+  config.model.max_position_embeddings = 2048
+  assert runner.build(config).rollout_config.max_len == 2048
+
+
 @pytest.mark.parametrize("field, value, message", [
     ("algo.estimator", "td_lambda", r"^algo\.estimator: unknown 'td_lambda'; allowed: step_gae, token_gae"),
     ("algo.loss", "dpo", r"^algo\.loss: unknown 'dpo'; allowed: ppo, gspo, step_ratio"),
@@ -39,12 +81,12 @@ def test_every_config_builds(module):
     ("algo.whiten", "batch", r"^algo\.whiten: unknown 'batch'"),
     ("algo.minibatches", 3, r"^update\.minibatches: 3 does not divide the batch size 32"),
     ("env.name", "atari", r"^env\.name: unknown 'atari'; allowed: lookup_qa, textworld_lite, grid_nav"),
-    ("env.hops", 3, r"^env\.hops: must be in \[1, env\.max_hops=1\], got 3"),
-    ("model.preset", "gpt5", r"^model\.preset: unknown 'gpt5'"),
+    ("env.hops", 3, r"^env\.hops: must be in \[1, env\.max_hops=2\], got 3"),
+    ("model.preset", "gpt5", r"^model\.preset: unknown 'gpt5'; allowed: " + ", ".join(PRESETS) + r" \(or model"),
     ("model.checkpoint", "/nonexistent/ckpt", r"^model\.checkpoint: /nonexistent/ckpt is not a directory"),
     ("tokenizer", "gpt2", r"^tokenizer: 'gpt2' is not allowed"),
-    ("rollout.max_action_len", 200, r"^rollout\.max_len: 128 cannot hold the first observation plus one step"),
-    ("rollout.max_len", 1024, r"^rollout\.max_len: 1024 exceeds the model's max_position_embeddings 512"),
+    ("rollout.max_action_len", 200, r"^rollout\.max_len: 256 cannot hold the first observation plus one step"),
+    ("rollout.max_len", 1024, r"^rollout\.max_len: 1024 exceeds the model's max_position_embeddings 256"),
     ("train.eval_every", 7, r"^train\.eval_every: 7 must divide train\.iterations=30"),
     ("train.seeds", 0, r"^train\.seeds: must be an int >= 1, got 0"),
     ("optim.schedule", "linear", r"^optim\.schedule: unknown 'linear'"),
@@ -92,17 +134,27 @@ def test_resume_is_bit_identical(tmp_path):
   assert sorted(d for d in os.listdir(tmp_path / "a" / "checkpoints") if d.isdigit()) == ["2", "4"]
 
 
-def test_ablation_tiny_grid_writes_results(tmp_path):
+def test_ablation_tiny_grid_writes_results(tmp_path, monkeypatch):
   setups = ablation.study_configs(["steppo", "grpo"], 2, {})
   setups = [runner.build(small(setup.config)) for setup in setups]
   printed = []
-  out = ablation.run_study("tiny", setups, str(tmp_path), print_fn=printed.append)
+  monkeypatch.setattr(runner, "build", lambda config: pytest.fail("run_study rebuilt a setup it was given"))
+  with pytest.raises(ValueError, match=r"^baseline: 'ppo' is not among the methods \['steppo', 'grpo'\]"):
+    ablation.run_study("tiny", setups, str(tmp_path), baseline="ppo")  # refused before anything runs
+  out = ablation.run_study("tiny", setups, str(tmp_path), baseline="steppo", print_fn=printed.append)
   study = tmp_path / "tiny"
-  for name in ("results.md", "results.csv", "curves.png", "records.json"):
+  for name in ("results.md", "results.csv", "curves.png", "records.json", "paired.csv"):
     assert (study / name).exists(), name
   assert (study / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   md = (study / "results.md").read_text()
   assert "| steppo | 2 |" in md and "| grpo | 2 |" in md
+  assert "## Paired over seeds vs steppo" in md and "| grpo | 2 | 2 |" in md
+  diagnostics = md.split("## Diagnostics (training)")[1].splitlines()
+  header = next(line for line in diagnostics if line.startswith("| method |")).split("|")
+  column = [cell.strip() for cell in header].index("critic EV (steps)")
+  steppo_row = next(line for line in diagnostics if line.startswith("| steppo |")).split("|")
+  grpo_row = next(line for line in diagnostics if line.startswith("| grpo |")).split("|")
+  assert steppo_row[column].strip() != "—" and grpo_row[column].strip() == "—"  # StepPO has a critic, GRPO none
   assert [row["method"] for row in out["rows"]] == ["steppo", "grpo"]
   # Every method started from the same SFT params: identical held-out success at iteration 0 for each seed.
   start = {(r["method"], r["seed"]): r["success"][0] for r in out["records"]}
@@ -126,25 +178,25 @@ def test_model_from_a_hugging_face_checkpoint(tmp_path):
   hf.save_hf_checkpoint(setup.model_config, params, str(tmp_path / "ckpt"))
   config = small(steppo.get_config())
   config.model.checkpoint = str(tmp_path / "ckpt")
+  config.sft.steps = 0  # RL starts from the checkpoint itself
   loaded = runner.build(config)
   assert loaded.model_config.hidden_size == 32 and loaded.model_config.vocab_size == setup.model_config.vocab_size
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(loaded.checkpoint_params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  config.sft.steps = 0  # RL starts from the checkpoint itself
   start = runner.warm_start(loaded, progress=False)
   assert start is loaded.checkpoint_params
   # A checkpoint whose vocabulary cannot hold the tokenizer's ids is refused.
   small_vocab = setup.model_config.replace(vocab_size=256)
   hf.save_hf_checkpoint(small_vocab, transformer.init_params(small_vocab, jax.random.key(0)), str(tmp_path / "v"))
   config.model.checkpoint = str(tmp_path / "v")
-  with pytest.raises(ValueError, match=r"^model\.checkpoint: vocab_size 256 does not cover the tokenizer's 335 ids"):
+  with pytest.raises(ValueError, match=r"^model\.checkpoint: vocab_size 256 does not cover the tokenizer's 337 ids"):
     runner.build(config)
 
 
 def test_short_run_raises_success_over_the_sft_start():
   """StepPO on the default environment, fixed seeds, small settings (100 SFT steps, 20 RL iterations on a pool of 4
   training tasks): success on those tasks climbs well above where the SFT start had it. About 80 s on 2 cores."""
-  config = steppo.get_config()
+  config = one_hop(steppo.get_config())
   config.sft.steps = 100
   config.optim.update(actor_lr=1e-3, critic_lr=1e-3, schedule="constant", warmup_steps=0)
   config.algo.critic = "head"

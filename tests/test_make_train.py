@@ -120,6 +120,11 @@ def test_evaluate_scores_greedy_and_sampled_on_the_same_tasks():
       assert float(metrics["return"]) == pytest.approx(float(np.mean(batch.episode_returns())))
   with pytest.raises(ValueError, match=r"^eval\.num_episodes: must be an int >= 1, got 0"):
     train.make_evaluate(MODEL, ENV, ROLLOUT, 0)
+  # A bad rollout field is named once under its section (it once read "eval.rollout.rollout.max_len").
+  with pytest.raises(ValueError, match=r"^eval\.rollout\.max_len: 64 cannot hold"):
+    train.make_evaluate(MODEL, ENV, dataclasses.replace(ROLLOUT, max_len=64), 4)
+  with pytest.raises(ValueError, match=r"^sft\.rollout\.max_len: 64 cannot hold"):
+    train.make_sft_iteration(MODEL, OPTIM, ENV, dataclasses.replace(ROLLOUT, max_len=64))
 
 
 def test_logprobs_are_untempered_so_the_first_ratio_is_one_at_temperature_0_7():

@@ -549,3 +549,28 @@ def test_curves_have_a_95_percent_band_per_method(tmp_path, monkeypatch):
     np.testing.assert_allclose(hi - lo, 2 * half, rtol=1e-9)
     np.testing.assert_allclose((hi + lo) / 2, success.mean(axis=0), rtol=1e-12)
     assert n == len(PAIRED_METHODS[method][0])
+
+
+def test_diagnostics_table_averages_the_last_third_then_seeds():
+  rng = np.random.default_rng(3)
+  lines = {"a": [], "b": []}
+  for method in lines:
+    for seed in range(3):
+      for iteration in range(1, 10):
+        line = {"iteration": iteration, "seed": seed, "clip_frac": float(rng.uniform()), "entropy": float(rng.uniform())}
+        if method == "a":
+          line["critic_ev_steps"] = float(rng.uniform())
+        lines[method].append(line)
+  table = report.diagnostics_table(lines).splitlines()
+  assert table[0].startswith("| method | tokens / step | clip frac |") and len(table) == 4
+  for row, method in zip(table[2:], ("a", "b")):
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert cells[0] == method and cells[1] == "—"  # no tokens_per_step lines
+    per_seed = [np.mean([l["clip_frac"] for l in lines[method] if l["seed"] == s and l["iteration"] > 6])
+                for s in range(3)]
+    mean = np.mean(per_seed)
+    half = 4.302652729911275 * np.std(per_seed, ddof=1) / np.sqrt(3)  # t(2) quantile
+    assert cells[2] == f"{mean:.3f} ± {half:.3f}"
+    assert (cells[5] == "—") == (method == "b")  # critic EV only where a critic ran
+  with pytest.raises(ValueError, match="^metrics: "):
+    report.diagnostics_table({})

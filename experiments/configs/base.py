@@ -23,9 +23,10 @@ run the mean value rose to 2.4 (returns are at most 1), truncated episodes looke
 into invalid actions (held-out success 0.55 -> 0.0 for StepPO and token-level PPO). Both are terminal here, as in the
 reference.
 
-The environment, model and tokenizer are the laptop-scale default: lookup_qa with one hop over 16 entities
-(search the entity, answer from its facts), a 2-layer 64-wide transformer, and the environment's word vocabulary
-as tokenizer (`tokenizer="word"`), so a name is one token wherever it appears.
+The environment is lookup_qa with its preset (experiments/configs/presets.py): 2-hop questions over 16 entities in
+the think format (each step restates the fact just read, then searches or answers), the environment's word
+vocabulary as tokenizer (a name is one token wherever it appears), and a 2-layer 64-wide transformer. The first
+release's cheaper one-hop regime, which `make demo` runs, is `presets.REGIMES["one_hop"]`.
 """
 
 import ml_collections
@@ -36,27 +37,36 @@ def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.name = "steppo"
 
-  # Environment: a pure-JAX environment by name (lookup_qa, textworld_lite, grid_nav).
+  # Environment: a pure-JAX environment by name (lookup_qa, textworld_lite, grid_nav). Fields left None take the
+  # environment's preset (experiments/configs/presets.py), so switching environments is this one field.
   c.env = ml_collections.ConfigDict(dict(
       name="lookup_qa",
+      step_format=config_dict.placeholder(str),  # "plain" (a command) or "think" (<think>...</think> + a command)
       # lookup_qa: difficulty, pool size and the largest hop count the buffers are sized for.
-      hops=1, max_hops=1, num_entities=16, invalid_penalty=0.0,
-      step_format="plain",  # "plain" or "think"
+      hops=config_dict.placeholder(int), max_hops=config_dict.placeholder(int),
+      num_entities=config_dict.placeholder(int),
+      num_rooms=config_dict.placeholder(int),  # textworld_lite
+      size=config_dict.placeholder(int),  # grid_nav: the side of the grid
+      invalid_penalty=0.0,
   ))
-  # "byte", "word" (the environment's vocabulary as whole-word tokens, bytes for the rest), or a tokenizer.json path.
-  c.tokenizer = "word"
+  # "byte", "word" (the environment's vocabulary as whole-word tokens, bytes for the rest), or a tokenizer.json
+  # path; the think format adds <think> / </think> to byte and word tokenizers. None: the environment's preset.
+  c.tokenizer = config_dict.placeholder(str)
 
   # Model: a preset with overrides, or a Hugging Face checkpoint directory (safetensors) in `checkpoint`.
   c.model = ml_collections.ConfigDict(dict(
       preset="tiny", checkpoint="",
       hidden_size=64, intermediate_size=256, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
-      max_position_embeddings=512,
+      max_position_embeddings=config_dict.placeholder(int),  # None: the environment's preset
       dtype="float32",  # compute dtype; "bfloat16" on accelerators
   ))
 
   # Episodes per iteration: num_tasks x episodes_per_task (the groups of GRPO / RLOO / GiGPO).
   c.rollout = ml_collections.ConfigDict(dict(
-      num_tasks=8, episodes_per_task=4, max_steps=4, max_len=128, max_action_len=6,
+      num_tasks=8, episodes_per_task=4,
+      # None: the environment's preset (a step budget, a context that holds an expert episode, the longest step).
+      max_steps=config_dict.placeholder(int), max_len=config_dict.placeholder(int),
+      max_action_len=config_dict.placeholder(int),
       temperature=1.0, top_k=0, top_p=1.0,
   ))
 
