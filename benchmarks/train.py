@@ -1,8 +1,9 @@
 """RL iterations per second: the fused PureJaxRL-style loop against a per-iteration host loop, and seeds in one program.
 
-All rows run the demo's StepPO setting (experiments/configs/steppo.py: lookup_qa, one hop, 16 entities, the word
-tokenizer, a 2-layer 64-wide policy with a separate critic, 8 tasks x 4 episodes per iteration, 2 epochs x 2
-minibatches) from the same random start:
+All rows run the demo's StepPO setting (experiments/configs/steppo.py in `make demo`'s one-hop regime: lookup_qa,
+one hop, 16 entities, the word tokenizer, a 2-layer 64-wide policy with a separate critic, 8 tasks x 4 episodes per
+iteration, 2 epochs x 2 minibatches; `--regime none` runs the lookup_qa preset's 2-hop think-format steps instead)
+from the same random start:
 
   host loop     per iteration: the jitted rollout, then `make_update` (two jitted programs), called from Python;
   fused         `lax.scan` of `make_train_iteration` over K iterations in one jit (what experiments/ runs);
@@ -11,7 +12,7 @@ minibatches) from the same random start:
 Both single-seed loops compute the same thing (tests/test_make_train.py checks the fused iteration against rollout +
 make_update). Median of repeated K-iteration chunks after a warm-up chunk.
 
-    python -m benchmarks.train [--repeats 3] [--iterations 5] [--seeds 3] [--markdown out.md]
+    python -m benchmarks.train [--repeats 3] [--iterations 5] [--seeds 3] [--regime one_hop|none] [--markdown out.md]
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import emit, median_seconds  # noqa: E402
 from experiments import runner  # noqa: E402
-from experiments.configs import steppo  # noqa: E402
+from experiments.configs import presets, steppo  # noqa: E402
 from stepjax import rollout, train  # noqa: E402
 from stepjax.models import Transformer  # noqa: E402
 
@@ -36,9 +37,13 @@ def main(argv=None):
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--iterations", type=int, default=5)
   parser.add_argument("--seeds", type=int, default=3)
+  parser.add_argument("--regime", default="one_hop", choices=["none", *presets.REGIMES])
   parser.add_argument("--markdown", default=None)
   args = parser.parse_args(argv)
   config = steppo.get_config()
+  for field, value in (presets.REGIMES[args.regime] if args.regime != "none" else {}).items():
+    section, _, leaf = field.rpartition(".")
+    (config[section] if section else config)[leaf] = value
   setup = runner.build(config)
   mc, uc, oc, rc = setup.model_config, setup.update_config, setup.optim_config, setup.rollout_config
   k = args.iterations
