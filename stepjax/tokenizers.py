@@ -126,7 +126,35 @@ def _check_extra_special_tokens(extra_special_tokens: Sequence[str], reserved: S
   return extras
 
 
-class ByteTokenizer:
+class _SpecialIds:
+  """The role ids of a tokenizer that keeps them in `self._special_ids` (role or special text -> id): for the byte
+  and word tokenizers pad is 0, end of step 1 and end of episode 2; a tokenizer.json maps them to its own tokens."""
+
+  _special_ids: dict[str, int]
+
+  @property
+  def pad_id(self) -> int:
+    """Id of the pad token."""
+    return self._special_ids[PAD]
+
+  @property
+  def eos_id(self) -> int:
+    """Id of the end-of-episode token."""
+    return self._special_ids[END_OF_EPISODE]
+
+  @property
+  def end_of_step_id(self) -> int:
+    """Id of the end-of-step token."""
+    return self._special_ids[END_OF_STEP]
+
+  @property
+  def special_ids(self) -> dict[str, int]:
+    """The three roles plus the text of every special token (the extra ones, and a tokenizer.json's added ones)
+    -> id (a copy)."""
+    return dict(self._special_ids)
+
+
+class ByteTokenizer(_SpecialIds):
   """UTF-8 byte-level tokenizer that needs no files: the embedded default, sized for small models.
 
   Id layout (fixed, so ids never move when extras are configured):
@@ -169,25 +197,6 @@ class ByteTokenizer:
     """259 + the number of extra special tokens."""
     return self._vocab_size
 
-  @property
-  def pad_id(self) -> int:
-    """Always 0."""
-    return self._special_ids[PAD]
-
-  @property
-  def eos_id(self) -> int:
-    """Always 2 (end of episode)."""
-    return self._special_ids[END_OF_EPISODE]
-
-  @property
-  def end_of_step_id(self) -> int:
-    """Always 1."""
-    return self._special_ids[END_OF_STEP]
-
-  @property
-  def special_ids(self) -> dict[str, int]:
-    """`pad`, `end_of_step`, `end_of_episode` and each extra special token's text → id (a copy)."""
-    return dict(self._special_ids)
 
   def encode(self, text: str, *, add_special: bool = False) -> list[int]:
     """UTF-8 bytes offset by `BYTE_OFFSET`, with literal special tokens as single ids. `add_special` is accepted
@@ -350,7 +359,7 @@ def _pad_token_from_tokenizer_config(tokenizer_file: str) -> str | None:
   return pad_token if isinstance(pad_token, str) and pad_token else None
 
 
-class HFTokenizer:
+class HFTokenizer(_SpecialIds):
   """A Hugging Face `tokenizer.json` (any model's) loaded with the `tokenizers` library.
 
   Reserved tokens: each of `end_of_step`, `end_of_episode` and `pad` is either the literal text of a token already
@@ -446,26 +455,6 @@ class HFTokenizer:
     """Largest id in the vocabulary, added tokens included, plus one."""
     return self._vocab_size
 
-  @property
-  def pad_id(self) -> int:
-    """Id of the pad token."""
-    return self._special_ids[PAD]
-
-  @property
-  def eos_id(self) -> int:
-    """Id of the end-of-episode token."""
-    return self._special_ids[END_OF_EPISODE]
-
-  @property
-  def end_of_step_id(self) -> int:
-    """Id of the end-of-step token."""
-    return self._special_ids[END_OF_STEP]
-
-  @property
-  def special_ids(self) -> dict[str, int]:
-    """The three roles plus the text of every special added token of the file and of `extra_special_tokens` (a
-    copy)."""
-    return dict(self._special_ids)
 
   def encode(self, text: str, *, add_special: bool = False) -> list[int]:
     """Ids of `text`; `add_special` runs the file's post-processor (e.g. a BOS token)."""

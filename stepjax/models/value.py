@@ -57,7 +57,15 @@ class ValueHead(nn.Module):
     return nn.with_logical_constraint(values, ("activation_batch", "activation_length"))
 
 
-class PolicyWithValue(Transformer):
+class _WithValueHead(Transformer):
+  """A Transformer trunk with a scalar value head (`value_head`) on its final hidden states."""
+
+  def setup(self):
+    super().setup()
+    self.value_head = ValueHead(self.config.storage_dtype)
+
+
+class PolicyWithValue(_WithValueHead):
   """The policy LM plus a value head on its final hidden states.
 
   __call__(tokens, positions=None, cache=None, chunk_lengths=None)
@@ -66,10 +74,6 @@ class PolicyWithValue(Transformer):
 
   stop_gradient: bool = False
 
-  def setup(self):
-    super().setup()
-    self.value_head = ValueHead(self.config.storage_dtype)
-
   def __call__(self, tokens: Array, positions: Array | None = None, cache: KVCache | None = None,
                chunk_lengths: Array | None = None):
     hidden, new_cache = self.trunk(tokens, positions, cache, chunk_lengths)
@@ -77,16 +81,12 @@ class PolicyWithValue(Transformer):
     return self.logits(hidden), self.value_head(features), hidden, new_cache
 
 
-class Critic(Transformer):
+class Critic(_WithValueHead):
   """A separate value transformer: the same trunk, a scalar head instead of the LM head.
 
   __call__(tokens, positions=None, cache=None, chunk_lengths=None)
     -> (values [B, T] float32, hidden [B, T, D], new_cache | None)
   """
-
-  def setup(self):
-    super().setup()
-    self.value_head = ValueHead(self.config.storage_dtype)
 
   def __call__(self, tokens: Array, positions: Array | None = None, cache: KVCache | None = None,
                chunk_lengths: Array | None = None):
