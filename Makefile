@@ -29,6 +29,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.generate
 	$(PY) -m benchmarks.rollout
 	$(PY) -m benchmarks.train
+	$(PY) -m benchmarks.iteration_parts
 
 # Re-pin constraints.txt from what is installed in .venv.
 lock: $(STAMP)
