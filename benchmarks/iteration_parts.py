@@ -40,10 +40,7 @@ def main(argv=None):
   parser.add_argument("--regime", default="none", choices=["none", *presets.REGIMES])
   parser.add_argument("--markdown", default=None)
   args = parser.parse_args(argv)
-  config = steppo.get_config()
-  for field, value in (presets.REGIMES[args.regime] if args.regime != "none" else {}).items():
-    section, _, leaf = field.rpartition(".")
-    (config[section] if section else config)[leaf] = value
+  config = presets.with_regime(steppo.get_config(), args.regime)
   setup = runner.build(config)
   mc, uc, oc, rc = setup.model_config, setup.update_config, setup.optim_config, setup.rollout_config
   model = Transformer(mc)

@@ -74,6 +74,14 @@ def test_every_environment_is_one_flag_away(env_name):
   assert runner.build(config).rollout_config.max_len == 2048
 
 
+def test_one_hop_regime_is_the_first_release_main_job():
+  setup = runner.build(presets.with_regime(steppo.get_config(), "one_hop"))
+  assert (setup.config.env.step_format, setup.config.env.hops, setup.rollout_config.max_len) == ("plain", 1, 128)
+  assert "<think>" not in setup.tokenizer.special_ids and setup.env.max_action_len <= 6
+  with pytest.raises(ValueError, match=r"^regime: unknown 'two_hop'; allowed: one_hop"):
+    presets.with_regime(steppo.get_config(), "two_hop")
+
+
 @pytest.mark.parametrize("field, value, message", [
     ("algo.estimator", "td_lambda", r"^algo\.estimator: unknown 'td_lambda'; allowed: step_gae, token_gae"),
     ("algo.loss", "dpo", r"^algo\.loss: unknown 'dpo'; allowed: ppo, gspo, step_ratio"),

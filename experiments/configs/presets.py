@@ -71,3 +71,15 @@ REGIMES: dict[str, dict[str, object]] = {
         "model.max_position_embeddings": 512,
     },
 }
+
+
+def with_regime(config: ml_collections.ConfigDict, name: str | None) -> ml_collections.ConfigDict:
+  """`config` with the overrides of regime `name` applied in place (None or "none": unchanged)."""
+  if name in (None, "none"):
+    return config
+  if name not in REGIMES:
+    raise ValueError(f"regime: unknown {name!r}; allowed: {', '.join(REGIMES)}")
+  for field, value in REGIMES[name].items():
+    section, _, leaf = field.rpartition(".")
+    (config[section] if section else config)[leaf] = value
+  return config
