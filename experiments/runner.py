@@ -57,10 +57,6 @@ MODEL_FIELDS = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "
 TIMING_KEYS = ("time_s", "agent_steps_per_s", "tokens_per_s")
 
 
-def _positive_int(value, field: str, minimum: int = 1) -> int:
-  return checks.check_int(value, field, minimum)
-
-
 # ------------------------------------------------------------------------------------------------------
 # Config -> stepjax objects.
 # ------------------------------------------------------------------------------------------------------
@@ -173,18 +169,18 @@ def build(config: ml_collections.ConfigDict) -> Setup:
   checks.check_choice(config.env.name, "env.name", JAX_ENVS)
   config = presets.resolve(config)
   t = config.train
-  iterations = _positive_int(t.iterations, "train.iterations")
-  eval_every = _positive_int(t.eval_every, "train.eval_every")
+  iterations = checks.check_int(t.iterations, "train.iterations", 1)
+  eval_every = checks.check_int(t.eval_every, "train.eval_every", 1)
   if iterations % eval_every:
     checks.fail("train.eval_every", f"{eval_every} must divide train.iterations={iterations}")
-  num_seeds = _positive_int(t.seeds, "train.seeds")
-  _positive_int(t.seed_offset, "train.seed_offset", 0)
-  _positive_int(t.eval_episodes, "train.eval_episodes")
-  _positive_int(t.task_pool, "train.task_pool", 0)
-  _positive_int(t.checkpoint_every, "train.checkpoint_every")
-  _positive_int(t.keep_checkpoints, "train.keep_checkpoints")
-  _positive_int(config.sft.steps, "sft.steps", 0)
-  _positive_int(config.sft.num_tasks, "sft.num_tasks")
+  num_seeds = checks.check_int(t.seeds, "train.seeds", 1)
+  checks.check_int(t.seed_offset, "train.seed_offset", 0)
+  checks.check_int(t.eval_episodes, "train.eval_episodes", 1)
+  checks.check_int(t.task_pool, "train.task_pool", 0)
+  checks.check_int(t.checkpoint_every, "train.checkpoint_every", 1)
+  checks.check_int(t.keep_checkpoints, "train.keep_checkpoints", 1)
+  checks.check_int(config.sft.steps, "sft.steps", 0)
+  checks.check_int(config.sft.num_tasks, "sft.num_tasks", 1)
   tokenizer = _tokenizer(config)
   model_config, checkpoint_params = _model_config(config, tokenizer)
   update_config = _update_config(config)
@@ -196,7 +192,7 @@ def build(config: ml_collections.ConfigDict) -> Setup:
     sft_optim_config = train.OptimConfig(actor_lr=config.sft.lr, critic_lr=0.0)
   r = config.rollout
   for name in ("num_tasks", "episodes_per_task", "max_steps", "max_len", "max_action_len"):
-    _positive_int(r[name], f"rollout.{name}")
+    checks.check_int(r[name], f"rollout.{name}", 1)
   with checks.section("rollout"):
     rollout_config = rollout_lib.RolloutConfig(
         num_tasks=r.num_tasks, episodes_per_task=r.episodes_per_task, max_steps=r.max_steps, max_len=r.max_len,
