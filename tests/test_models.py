@@ -9,6 +9,7 @@ import pytest
 from stepjax.models import (CACHE_AXES, Critic, KVCache, PolicyWithValue, Transformer, ValueConfig, add_value_head,
                             build_models, cache_logical_axes, forward, get_config, init_cache, init_models, init_params,
                             param_logical_axes, stack_layer_params, unstack_layer_params)
+from stepjax.models.attention import causal_attention
 from stepjax.testing import random_episode_batch
 
 Array = jax.Array
@@ -61,6 +62,7 @@ def right_padded(rows: list[np.ndarray], width: int) -> np.ndarray:
     (dict(param_dtype="nonsense"), "param_dtype"),
     (dict(remat="save_everything_please"), "remat"),
     (dict(rms_norm_eps=0.0), "rms_norm_eps"),
+    (dict(attention_block=-1), "attention_block"),
     (dict(not_a_field=1), "not_a_field"),
 ])
 def test_config_errors_name_the_field(overrides, field):
@@ -97,6 +99,41 @@ def test_forward_shapes_and_right_padding(params):
   logits2 = jit_forward(CONFIG, params, tokens2)[0]
   np.testing.assert_array_equal(logits[:, :6], logits2[:, :6])
   assert not np.allclose(logits[:, 6:], logits2[:, 6:])
+
+
+def _numpy_causal_attention(q, k, v):
+  """The textbook loop: every query row, softmax over the keys up to it (float64)."""
+  b, t, h, dh = q.shape
+  g = h // k.shape[2]
+  out = np.zeros((b, t, h, dh))
+  for i in range(b):
+    for j in range(h):
+      for row in range(t):
+        s = k[i, :row + 1, j // g] @ q[i, row, j] / np.sqrt(dh)
+        p = np.exp(s - s.max())
+        out[i, row, j] = (p / p.sum()) @ v[i, :row + 1, j // g]
+  return out
+
+
+@pytest.mark.parametrize("t, block", [(1, 32), (13, 4), (16, 4), (16, 0), (20, 32), (37, 8)])
+def test_causal_attention_in_query_blocks_matches_a_numpy_loop(t, block):
+  rng = np.random.default_rng(t * 100 + block)
+  q = rng.normal(size=(2, t, 4, 8)).astype(np.float32)
+  k, v = (rng.normal(size=(2, t, 2, 8)).astype(np.float32) for _ in range(2))
+  out = np.asarray(causal_attention(q, k, v, block))
+  np.testing.assert_allclose(out, _numpy_causal_attention(q, k, v), atol=2e-6, rtol=1e-5)
+  # The gradient of the blocked form equals the plain (one-block) form's.
+  w = rng.normal(size=q.shape).astype(np.float32)
+  grads = [jax.grad(lambda *x: jnp.sum(w * causal_attention(*x, b)), argnums=(0, 1, 2))(q, k, v) for b in (block, 0)]
+  for blocked, plain in zip(*grads):
+    np.testing.assert_allclose(blocked, plain, atol=2e-6, rtol=1e-5)
+
+
+def test_model_forward_does_not_depend_on_the_attention_block(params):
+  tokens = np.random.default_rng(3).integers(0, CONFIG.vocab_size, (2, 24)).astype(np.int32)
+  outs = [jit_forward(CONFIG.replace(attention_block=block), params, tokens)[0] for block in (0, 5, 32)]
+  for other in outs[1:]:
+    np.testing.assert_allclose(other, outs[0], atol=2e-5, rtol=1e-5)
 
 
 def test_cache_prefill_decode_extend_matches_full_forward(params):

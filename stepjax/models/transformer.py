@@ -41,6 +41,7 @@ import numpy as np
 from flax import struct
 
 from stepjax import checks
+from stepjax.models.attention import cached_attention, causal_attention
 
 Array = Any
 
@@ -70,6 +71,8 @@ class ModelConfig:
   `dtype` is the compute dtype (activations, KV cache), `param_dtype` the storage dtype of parameters.
   `remat`: False, True (save nothing) or the name of a `jax.checkpoint_policies` policy.
   `scan_layers`: layers run under `nn.scan`; params then carry a leading `layers` axis.
+  `attention_block`: query rows per block of the cache-free causal attention (`attention.causal_attention`; 0: one
+  block). Changes speed and float rounding only.
   """
 
   vocab_size: int = 512
@@ -91,6 +94,7 @@ class ModelConfig:
   remat: bool | str = False
   scan_layers: bool = False
   initializer_range: float = 0.02
+  attention_block: int = 32
 
   @property
   def compute_dtype(self) -> jnp.dtype:
@@ -112,6 +116,7 @@ class ModelConfig:
     for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
                  "head_dim", "max_position_embeddings"):
       checks.check_int(getattr(self, name), name, 1)
+    checks.check_int(self.attention_block, "attention_block", 0)
     if self.num_heads % self.num_kv_heads:
       checks.fail("num_heads", f"must be divisible by num_kv_heads={self.num_kv_heads}, got {self.num_heads}")
     if self.head_dim % 2:
@@ -295,62 +300,15 @@ def apply_rope(x: Array, positions: Array, inv_freq: Array) -> Array:
   return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
 
 
-def cached_attention(q: Array, k_all: Array, v_all: Array, layer: Array | int, cache_slots: Array,
-                     block_size: int | None = None) -> Array:
-  """Attention of q [B, T, H, Dh] over layer `layer` of the cache k_all / v_all [N, B, M, K, Dh] -> [B, T, H, Dh] f32.
-
-  Token t of row b sees slots <= cache_slots[b, t]. Why blocked: on CPU the plain version is bound by memory
-  traffic, not MACs (copying a whole layer out of the stacked cache, transposing it, and several passes over a
-  materialised [B, K, G, T, M] score tensor). Here keys/values are read in blocks of `block_size` slots straight from
-  the stacked cache with an online softmax, and only up to the highest slot any row reads (a loop with a
-  data-dependent trip count), so a half-empty cache costs about half and each block's scores stay cache-sized.
-  Not reverse-differentiable (dynamic trip count); training forwards run without a cache.
-  """
-  b, t, h, dh = q.shape
-  m, kh = k_all.shape[2], k_all.shape[3]
-  g = h // kh
-  if block_size is None:
-    # Measured on a 2-core CPU: decode (G*T small) is fastest with 128-slot blocks (fewer loop steps, tiny scores);
-    # long chunks (extend / prefill) with 32 (their [B, K, G*T, S] scores then stay in cache between passes).
-    block_size = 128 if g * t <= 64 else 32
-  s = min(block_size, m)
-  qg = q.reshape(b, t, kh, g, dh).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, Dh]
-  scale = 1.0 / np.sqrt(dh)
-  neg = jnp.finfo(jnp.float32).min
-  limit = cache_slots[:, None, None, :, None]  # [B, 1, 1, T, 1]
-
-  def body(j, carry):
-    mx, l, acc = carry
-    start = jnp.minimum(j * s, m - s)  # the last block is clamped to end at M; its slots before j * s are done
-    kb = jax.lax.dynamic_slice(k_all, (layer, 0, start, 0, 0), (1, b, s, kh, dh))[0]
-    vb = jax.lax.dynamic_slice(v_all, (layer, 0, start, 0, 0), (1, b, s, kh, dh))[0]
-    slots = start + jnp.arange(s, dtype=jnp.int32)
-    visible = (slots >= j * s) & (slots <= limit)  # [B, 1, 1, T, S]
-    sc = jnp.einsum("bkgtd,bskd->bkgts", qg, kb.astype(q.dtype), preferred_element_type=jnp.float32)
-    sc = jnp.where(visible, sc * scale, neg)
-    m_new = jnp.maximum(mx, sc.max(-1))
-    p = jnp.where(visible, jnp.exp(sc - m_new[..., None]), 0.0)
-    corr = jnp.exp(mx - m_new)
-    l = l * corr + p.sum(-1)
-    pv = jnp.einsum("bkgts,bskd->bkgtd", p.astype(q.dtype), vb.astype(q.dtype), preferred_element_type=jnp.float32)
-    return m_new, l, acc * corr[..., None] + pv
-
-  init = (jnp.full((b, kh, g, t), neg, jnp.float32), jnp.zeros((b, kh, g, t), jnp.float32),
-          jnp.zeros((b, kh, g, t, dh), jnp.float32))
-  num_blocks = jnp.minimum(jnp.max(cache_slots), m - 1) // s + 1  # blocks up to the highest slot read
-  _, l, acc = jax.lax.fori_loop(0, num_blocks, body, init)
-  out = acc / l[..., None]
-  return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, dh)
-
-
 class Attention(nn.Module):
   """Grouped-query causal self-attention with RoPE, optional q/k/v bias and per-head q/k RMSNorm."""
 
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x: Array, positions: Array, mask: Array, layer_cache: tuple | None, cache_slots: Array | None):
-    """x [B, T, D], positions [B, T], mask [1, T, T] causal (True = may attend; only used without a cache).
+  def __call__(self, x: Array, positions: Array, layer_cache: tuple | None, cache_slots: Array | None):
+    """x [B, T, D], positions [B, T]. Without a cache: causal attention over the call's tokens (`causal_attention`
+    in query blocks of `config.attention_block`).
 
     layer_cache: None, or (k_all, v_all, layer) with k_all/v_all the whole [N, B, M, K, Dh] cache and `layer`
     this layer's index; the T new keys/values are written at cache_slots [B, T] of row b and token t then attends
@@ -379,11 +337,7 @@ class Attention(nn.Module):
 
     b, t = q.shape[:2]
     if layer_cache is None:
-      q = q.reshape(b, t, k, h // k, dh)  # query heads grouped by the kv head they share
-      scores = jnp.einsum("btkgd,bskd->bkgts", q, key, preferred_element_type=jnp.float32) / np.sqrt(dh)
-      scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-      probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-      out = jnp.einsum("bkgts,bskd->btkgd", probs, value).reshape(b, t, h, dh)
+      out = causal_attention(q, key, value, c.attention_block)
     else:
       k_all, v_all, layer = layer_cache
       rows = jnp.arange(b)[:, None]
@@ -424,11 +378,11 @@ class Block(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, carry, positions: Array, mask: Array, cache_slots: Array | None):
+  def __call__(self, carry, positions: Array, cache_slots: Array | None):
     c = self.config
     x, layer_cache = carry
     norm = lambda name: RMSNorm(c.rms_norm_eps, c.compute_dtype, c.storage_dtype, name=name)
-    attn_out, layer_cache = Attention(c, name="attn")(norm("attn_norm")(x), positions, mask, layer_cache, cache_slots)
+    attn_out, layer_cache = Attention(c, name="attn")(norm("attn_norm")(x), positions, layer_cache, cache_slots)
     x = nn.with_logical_constraint(x + attn_out, _EMBED_ACT)
     x = nn.with_logical_constraint(x + MLP(c, name="mlp")(norm("mlp_norm")(x)), _EMBED_ACT)
     if layer_cache is not None:
@@ -477,7 +431,7 @@ class Transformer(nn.Module):
     block = _block_class(c)
     if c.scan_layers:
       self.layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=c.num_layers,
+                            in_axes=(nn.broadcast, nn.broadcast), length=c.num_layers,
                             metadata_params={nn.PARTITION_NAME: "layers"})(c)
     else:
       self.layers = [block(c) for _ in range(c.num_layers)]
@@ -493,11 +447,9 @@ class Transformer(nn.Module):
     steps = jnp.arange(t, dtype=jnp.int32)
     if cache is None:
       cache_slots = None
-      mask = (steps[None, :, None] >= steps[None, None, :])  # [1, T, T] causal
       layer_cache = None
     else:
       cache_slots = cache.lengths.astype(jnp.int32)[:, None] + steps  # [B, T]: slot == RoPE position
-      mask = None  # cached_attention masks by cache_slots itself
       k_all = nn.with_logical_constraint(cache.k, CACHE_AXES)
       v_all = nn.with_logical_constraint(cache.v, CACHE_AXES)
       layer_cache = (k_all, v_all, jnp.zeros((), jnp.int32))
@@ -507,10 +459,10 @@ class Transformer(nn.Module):
     x = nn.with_logical_constraint(self.embed(tokens), _EMBED_ACT)
     carry = (x, layer_cache)
     if self.config.scan_layers:
-      carry, _ = self.layers(carry, positions, mask, cache_slots)
+      carry, _ = self.layers(carry, positions, cache_slots)
     else:
       for layer in self.layers:
-        carry, _ = layer(carry, positions, mask, cache_slots)
+        carry, _ = layer(carry, positions, cache_slots)
     x, layer_cache = carry
     hidden = nn.with_logical_constraint(self.final_norm(x), _EMBED_ACT)
 
@@ -534,7 +486,7 @@ class Transformer(nn.Module):
                chunk_lengths: Array | None = None):
     """tokens [B, T] int -> (logits [B, T, V] float32, hidden [B, T, D], new_cache | None).
 
-    Without a cache: positions default to arange(T); plain causal attention (right padding needs no mask).
+    Without a cache: positions default to arange(T); causal attention (right padding needs no mask).
     With a cache: token i of row b goes to slot cache.lengths[b] + i (= its default RoPE position), attends
     to slots <= that, and new_cache.lengths = cache.lengths + chunk_lengths (default T). A padded tail is
     written but not counted, so the next call overwrites it.
