@@ -13,7 +13,6 @@ ends with the training diagnostics (critic explained variance at steps vs tokens
 fraction, KL, entropy, tokens per step). --regime applies a named set of overrides (configs/presets.py REGIMES).
 """
 
-import importlib
 import os
 import sys
 import time
@@ -22,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from absl import app, flags, logging  # noqa: E402
 
-from experiments import report, runner  # noqa: E402
+from experiments import configs, report, runner  # noqa: E402
 from experiments.configs import presets  # noqa: E402
 
 _NAME = flags.DEFINE_string("name", "demo", "Study name: results go to <runs_dir>/<name>/.")
@@ -43,43 +42,11 @@ _BASELINE = flags.DEFINE_string("baseline", "steppo", "Method the others are com
 SHARED_SECTIONS = ("env", "tokenizer", "model", "rollout", "sft", "train")
 
 
-def _parse_value(text: str):
-  for cast in (int, float):
-    try:
-      return cast(text)
-    except ValueError:
-      pass
-  return {"true": True, "false": False, "none": None}.get(text.lower(), text)
-
-
-def method_config(method: str, overrides: dict):
-  """The config of one method with the study's overrides (dotted field -> value)."""
-  try:
-    module = importlib.import_module(f"experiments.configs.{method}")
-  except ModuleNotFoundError:
-    available = sorted(f[:-3] for f in os.listdir(os.path.join(os.path.dirname(__file__), "configs"))
-                       if f.endswith(".py") and f not in ("__init__.py", "base.py"))
-    raise ValueError(f"methods: unknown method {method!r}; allowed: {', '.join(available)}") from None
-  config = module.get_config()
-  for field, value in overrides.items():
-    *path, leaf = field.split(".")
-    node = config
-    try:
-      for part in path:
-        node = node[part]
-      if leaf not in node:
-        raise KeyError(leaf)
-    except KeyError:
-      raise ValueError(f"set: {field!r} is not a config field") from None
-    node[leaf] = value
-  return config
-
-
 def study_configs(methods, seeds: int, overrides: dict) -> list:
   """Every method's `runner.Setup`, built (every field checked) before anything compiles."""
   setups = []
   for method in methods:
-    config = method_config(method, overrides)
+    config = configs.method_config(method, overrides)
     config.train.seeds = seeds
     setups.append(runner.build(config))
   first = setups[0].config
@@ -133,16 +100,10 @@ def run_study(name: str, setups: list, runs_dir: str = "runs", *, baseline: str 
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
-  overrides = {}
-  if _REGIME.value is not None:
-    if _REGIME.value not in presets.REGIMES:
-      sys.exit(f"regime: unknown {_REGIME.value!r}; allowed: {', '.join(presets.REGIMES)}")
-    overrides.update(presets.REGIMES[_REGIME.value])
-  for item in _SET.value:
-    field, sep, value = item.partition("=")
-    if not sep:
-      sys.exit(f"set: expected field=value, got {item!r}")
-    overrides[field] = _parse_value(value)
+  try:
+    overrides = configs.study_overrides(_REGIME.value, _SET.value)
+  except ValueError as error:
+    sys.exit(str(error))
   for field, flag in (("train.iterations", _ITERATIONS), ("train.eval_every", _EVAL_EVERY),
                       ("sft.steps", _SFT_STEPS)):
     if flag.value is not None:

@@ -334,7 +334,8 @@ def warm_start(setup: Setup, *, progress: bool = True, log: Callable[[dict], Non
 
   bar = tqdm(total=steps, desc="sft", disable=not progress, dynamic_ncols=True, unit="step")
 
-  def on_chunk(done: int, metrics: dict) -> None:
+  def on_chunk(done: int, metrics: dict, params: dict) -> None:
+    del params
     length = next(iter(metrics.values())).shape[1]
     for k in range(length):
       if log is not None:

@@ -90,7 +90,13 @@ def test_make_sft_run_matches_its_steps_in_any_chunking_and_feeds_make_train():
   sft_optim = train.OptimConfig(actor_lr=3e-3)
   run = train.make_sft_run(MODEL, sft_optim, ENV, sft_rollout, chunk_size=2, compiler_options=FAST)
   chunks = []
-  params, metrics = run(jax.random.key(1)[None], PARAMS, 3, on_chunk=lambda done, m: chunks.append((done, m)))
+  seen = []
+
+  def on_chunk(done, m, chunk_params):
+    chunks.append((done, m))
+    seen.append(jax.tree.map(np.array, chunk_params))  # a copy: the next chunk donates them
+
+  params, metrics = run(jax.random.key(1)[None], PARAMS, 3, on_chunk=on_chunk)
   assert metrics["nll"].shape == (1, 3)
   assert [done for done, _ in chunks] == [2, 3] and [m["nll"].shape for _, m in chunks] == [(1, 2), (1, 1)]
   assert float(metrics["nll"][0, -1]) < float(metrics["nll"][0, 0])
@@ -100,6 +106,9 @@ def test_make_sft_run_matches_its_steps_in_any_chunking_and_feeds_make_train():
   for i in range(3):
     state, step_metrics = step(state, PARAMS)
     assert float(step_metrics["nll"]) == pytest.approx(float(metrics["nll"][0, i]), rel=1e-4)
+    if i == 1:  # the first chunk's callback saw the params after step 2
+      _close(state.params["policy"], jax.tree.map(lambda x: x[0], seen[0]))
+  _close(jax.tree.map(lambda x: x[0], seen[1]), jax.tree.map(lambda x: x[0], params))
   params = jax.tree.map(lambda x: x[0], params)
   _close(state.params["policy"], params)
   # A warm start seeds make_train (a fresh value head on top of the SFT trunk).

@@ -121,8 +121,9 @@ def make_sft_run(model_config: ModelConfig, optim_config: OptimConfig, env, roll
   keys: [N] keys, one warm start per key, `vmap`ped in one program. policy_params: where every warm start begins
   (e.g. an HF checkpoint); None starts each from its own random init.
   Runs `num_steps` of `make_sft_iteration` in jitted chunks of at most `chunk_size` steps (one `lax.scan` each, the
-  state donated; chunk programs are kept, so later runs reuse them) and calls `on_chunk(steps_done, metrics)` after
-  each chunk with host arrays [N, chunk]. Returns (policy params stacked [N, ...], metrics {name: [N, num_steps]}).
+  state donated; chunk programs are kept, so later runs reuse them) and calls `on_chunk(steps_done, metrics, params)`
+  after each chunk: metrics as host arrays [N, chunk], params the policy params [N, ...] after the chunk (valid during
+  the call only: the next chunk donates them; e.g. evaluate the warm start at several lengths in one run). Returns (policy params stacked [N, ...], metrics {name: [N, num_steps]}).
   The result does not depend on chunk_size.
   """
   checks.check_int(chunk_size, "sft.chunk_size", 1)
@@ -140,7 +141,7 @@ def make_sft_run(model_config: ModelConfig, optim_config: OptimConfig, env, roll
     return chunks[length]
 
   def run(keys: Array, env_params: Any, num_steps: int, policy_params: dict | None = None,
-          on_chunk: Callable[[int, dict], None] | None = None) -> tuple[dict, dict]:
+          on_chunk: Callable[[int, dict, dict], None] | None = None) -> tuple[dict, dict]:
     checks.check_int(num_steps, "sft.steps", 1)
     state = init(keys, policy_params)
     history: list[dict] = []
@@ -152,7 +153,7 @@ def make_sft_run(model_config: ModelConfig, optim_config: OptimConfig, env, roll
       done += length
       history.append(metrics)
       if on_chunk is not None:
-        on_chunk(done, metrics)
+        on_chunk(done, metrics, state.params["policy"])
     stacked = {name: np.concatenate([m[name] for m in history], axis=1) for name in history[0]}
     return state.params["policy"], stacked
 
