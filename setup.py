@@ -16,6 +16,8 @@ setup(
         "orbax-checkpoint",
         "chex",
         "tensorflow-datasets",
+        "array_record",  # tfds's on-disk format for stepjax.data (read without TensorFlow)
+        "bm25s",  # the search-QA environment's retriever
         "ml-collections",
         "absl-py",
         "numpy",
