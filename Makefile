@@ -30,6 +30,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.rollout
 	$(PY) -m benchmarks.train
 	$(PY) -m benchmarks.iteration_parts
+	$(PY) -m benchmarks.attention
 
 # Re-pin constraints.txt from what is installed in .venv.
 lock: $(STAMP)
