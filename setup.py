@@ -17,6 +17,7 @@ setup(
         "chex",
         "tensorflow-datasets",
         "array_record",  # tfds's on-disk format for stepjax.data (read without TensorFlow)
+        "importlib_resources",  # tfds 4.9 imports it to prepare a dataset but declares it only for Python < 3.9
         "bm25s",  # the search-QA environment's retriever
         "ml-collections",
         "absl-py",
