@@ -12,6 +12,7 @@ steps and seeds) and held-out success as mean ± 95% CI over seeds, with the per
 --set=field=value and --regime work as in experiments/ablation.py (the base config, experiments/configs/base.py).
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -26,7 +27,9 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from experiments import configs, report, runner  # noqa: E402
+from stepjax import rollout as rollout_lib  # noqa: E402
 from stepjax import train  # noqa: E402
+from stepjax.models import Transformer  # noqa: E402
 
 
 FLAGS = flags.FLAGS
@@ -44,11 +47,12 @@ def parse_steps(values) -> list[int]:
   return steps
 
 
-def sft_curve(setup: runner.Setup, steps: list[int]) -> list[dict]:
+def sft_curve(setup: runner.Setup, steps: list[int], show: int = 0) -> list[dict]:
   """Held-out success of each seed's warm start after each length in `steps` (one SFT run per seed, vmapped).
 
   Returns one row per length: {"steps", "nll", "token_accuracy" (means over the steps since the previous length and
-  the seeds), and per-seed lists "success", "success_sampled", "invalid_rate", "episode_steps"}.
+  the seeds), per-seed lists "success", "success_sampled", "invalid_rate", "episode_steps", and with show > 0
+  "episodes": the first seed's greedy episodes on `show` held-out tasks (from train.eval_seed) as text (`decode_episode`)}.
   """
   c = setup.config
   every = math.gcd(*steps)  # chunks end at every length: the largest divisor of the gcd up to the runner's chunk
@@ -58,6 +62,9 @@ def sft_curve(setup: runner.Setup, steps: list[int]) -> list[dict]:
   evaluate = jax.jit(jax.vmap(train.make_evaluate(setup.model_config, setup.env, setup.rollout_config,
                                                   c.train.eval_episodes), in_axes=(0, None, None)))
   eval_key = jax.random.key(c.train.eval_seed)
+  greedy = jax.jit(rollout_lib.make_rollout(
+      Transformer(setup.model_config), setup.env,
+      dataclasses.replace(setup.rollout_config, num_tasks=max(show, 1), episodes_per_task=1, greedy=True)))
   keys = jnp.stack([jax.random.fold_in(jax.random.key(seed), 0) for seed in setup.seeds])  # as runner.warm_start
   rows, previous = [], 0
 
@@ -71,12 +78,29 @@ def sft_curve(setup: runner.Setup, steps: list[int]) -> list[dict]:
     rows.append({"steps": done, "nll": float(since["nll"].mean()),
                  "token_accuracy": float(since["token_accuracy"].mean()),
                  **{k: [float(v) for v in scores[k]] for k in COLUMNS[3:]}})
+    if show:
+      first = jax.tree.map(lambda x: x[0], params)
+      batch, _ = greedy(first, setup.env_params, eval_key)  # held-out tasks: the eval key
+      rows[-1]["episodes"] = [decode_episode(setup.tokenizer, batch, row) for row in range(show)]
     print(format_row(rows[-1]), flush=True)
     previous = done
 
   history: list[dict] = []
   run(keys, setup.env_params, steps[-1], setup.checkpoint_params, on_chunk)
   return rows
+
+
+def decode_episode(tokenizer, batch, row: int) -> str:
+  """One episode of an EpisodeBatch as text, each action (the model's tokens) between [[ and ]]."""
+  length = int(batch.seq_len[row])
+  tokens, actions = np.asarray(batch.tokens[row, :length]), np.asarray(batch.action_mask[row, :length], bool)
+  pieces, start = [], 0
+  for end in range(1, length + 1):
+    if end == length or actions[end] != actions[start]:
+      text = tokenizer.decode(tokens[start:end])
+      pieces.append(f"[[{text}]]" if actions[start] else text)
+      start = end
+  return "".join(pieces)
 
 
 def format_row(row: dict) -> str:
@@ -102,6 +126,7 @@ def _define_flags() -> None:
   flags.DEFINE_multi_string("set", [], "field=value overrides of the base config.")
   flags.DEFINE_string("regime", None, "A named set of overrides (experiments/configs/presets.py REGIMES).")
   flags.DEFINE_string("runs_dir", "runs", "Root folder of all studies.")
+  flags.DEFINE_integer("show", 0, "Decode the first seed's greedy episodes on this many held-out tasks at each length.")
 
 
 def main(argv):
@@ -119,7 +144,7 @@ def main(argv):
   os.makedirs(out_dir, exist_ok=True)
   start = time.perf_counter()
   print(format_table([]))
-  rows = sft_curve(setup, steps)
+  rows = sft_curve(setup, steps, FLAGS.show)
   wall = time.perf_counter() - start
   c = setup.config
   command = "python experiments/sft_curve.py " + " ".join(sys.argv[1:])
@@ -128,6 +153,10 @@ def main(argv):
           f"{c.model.hidden_size}, SFT lr {c.sft.lr}, {c.sft.num_tasks} expert episodes per step, seeds "
           f"{list(setup.seeds)}, {c.train.eval_episodes} held-out episodes per evaluation; wall time {wall:.0f} s "
           f"(compilation included).\n\n{format_table(rows)}\n")
+  for row in rows:
+    if row.get("episodes"):
+      text += f"\nGreedy held-out episodes of seed {setup.seeds[0]} after {row['steps']} SFT steps (actions in [[ ]]):\n"
+      text += "".join(f"\n```\n{episode}\n```\n" for episode in row["episodes"])
   with open(os.path.join(out_dir, "sft_curve.md"), "w") as f:
     f.write(text)
   with open(os.path.join(out_dir, "sft_curve.json"), "w") as f:

@@ -196,8 +196,11 @@ def test_sft_curve_scores_the_warm_start_at_each_length():
   config.sft.steps = 4
   config.train.eval_episodes = 8
   setup = runner.build(config)
-  rows = sft_curve.sft_curve(setup, [2, 4])
+  rows = sft_curve.sft_curve(setup, [2, 4], show=2)
   assert [row["steps"] for row in rows] == [2, 4]
+  for episode in rows[-1]["episodes"]:  # the prompt (question) first, then actions between [[ ]]
+    assert episode.index("Q: what is the") < episode.index("[[") < episode.index("]]")
+    assert episode.count("[[") == episode.count("]]")
   # Each row is the held-out score of the warm start the runner makes with that many steps (one per seed).
   evaluate = jax.vmap(train.make_evaluate(setup.model_config, setup.env, setup.rollout_config, 8),
                       in_axes=(0, None, None))
