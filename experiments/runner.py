@@ -17,8 +17,8 @@ field first: a wrong name or an impossible size is one ValueError line naming th
           keep-last-k, atomic). `run(..., resume=True)` restores the latest complete one, cuts the logs back to it and
           continues bit-identically (same compiled chunk, same keys: everything random lives in the state).
 
-Host environments (TextWorld) train through `train.make_host_train_iteration` (a Python loop around the same jitted
-pieces); this runner covers the pure-JAX ones.
+`run` on a host environment (search_qa, textworld) hands over to `experiments.host_runner`: the same config, logs,
+checkpoints and resume, with the seeds one after another.
 """
 
 from __future__ import annotations
@@ -49,12 +49,13 @@ from stepjax.models.value import ValueConfig
 from stepjax.tokenizers import BYTE_SPEC, ByteTokenizer, WordTokenizer, load_tokenizer
 
 JAX_ENVS = ("lookup_qa", "textworld_lite", "grid_nav")
+HOST_ENVS = ("search_qa", "textworld")
 CRITICS = ("head", "separate", "none")
 WHITEN = ("step", "token", "none")
 MODEL_FIELDS = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
                 "max_position_embeddings", "dtype")
 # Keys of metrics.jsonl that depend on the machine, not on the run (left out when comparing runs).
-TIMING_KEYS = ("time_s", "agent_steps_per_s", "tokens_per_s")
+TIMING_KEYS = ("time_s", "agent_steps_per_s", "tokens_per_s", "env_steps_per_s")
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -64,11 +65,11 @@ TIMING_KEYS = ("time_s", "agent_steps_per_s", "tokens_per_s")
 
 @dataclasses.dataclass(frozen=True)
 class Setup:
-  """What `build` makes of a config."""
+  """What `build` makes of a config. Host environments have `host` and no `env` / `env_params`."""
 
   config: ml_collections.ConfigDict
   tokenizer: Any
-  env: Any  # a pure-JAX Environment
+  env: Any  # a pure-JAX Environment (None for a host environment)
   env_params: Any
   model_config: ModelConfig
   checkpoint_params: dict | None  # Transformer params loaded from model.checkpoint
@@ -78,6 +79,7 @@ class Setup:
   sft_optim_config: train.OptimConfig
   sft_rollout_config: rollout_lib.RolloutConfig
   seeds: tuple[int, ...]
+  host: Any = None  # host_runner.HostEnvs for a host environment
 
 
 THINK_TOKENS = ("<think>", "</think>")
@@ -166,8 +168,9 @@ def build(config: ml_collections.ConfigDict) -> Setup:
 
   Fields left None take the environment's preset (`configs.presets`); `Setup.config` is the resolved config.
   """
-  checks.check_choice(config.env.name, "env.name", JAX_ENVS)
+  checks.check_choice(config.env.name, "env.name", JAX_ENVS + HOST_ENVS)
   config = presets.resolve(config)
+  is_host = config.env.name in HOST_ENVS
   t = config.train
   iterations = checks.check_int(t.iterations, "train.iterations", 1)
   eval_every = checks.check_int(t.eval_every, "train.eval_every", 1)
@@ -177,6 +180,8 @@ def build(config: ml_collections.ConfigDict) -> Setup:
   checks.check_int(t.seed_offset, "train.seed_offset", 0)
   checks.check_int(t.eval_episodes, "train.eval_episodes", 1)
   checks.check_int(t.task_pool, "train.task_pool", 0)
+  if is_host and t.task_pool:
+    checks.fail("train.task_pool", f"{t.task_pool}: a host environment trains on its own training split; use 0")
   checks.check_int(t.checkpoint_every, "train.checkpoint_every", 1)
   checks.check_int(t.keep_checkpoints, "train.keep_checkpoints", 1)
   checks.check_int(config.sft.steps, "sft.steps", 0)
@@ -191,22 +196,36 @@ def build(config: ml_collections.ConfigDict) -> Setup:
   with checks.section("sft", strip="optim"):
     sft_optim_config = train.OptimConfig(actor_lr=config.sft.lr, critic_lr=0.0)
   r = config.rollout
-  for name in ("num_tasks", "episodes_per_task", "max_steps", "max_len", "max_action_len"):
+  names = ("num_tasks", "episodes_per_task", "max_steps", "max_len", "max_action_len") + (("max_obs_len",) * is_host)
+  for name in names:
     checks.check_int(r[name], f"rollout.{name}", 1)
   with checks.section("rollout"):
     rollout_config = rollout_lib.RolloutConfig(
         num_tasks=r.num_tasks, episodes_per_task=r.episodes_per_task, max_steps=r.max_steps, max_len=r.max_len,
         max_action_len=r.max_action_len, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
-        stop_ids=(tokenizer.end_of_step_id, tokenizer.eos_id), pad_id=tokenizer.pad_id)
-  env, env_params = _jax_env(config, tokenizer)
-  train.check_env_rollout(env, rollout_config, model_config, "rollout")
-  train.check_update_batch(update_config, rollout_config.batch_size)
+        stop_ids=(tokenizer.end_of_step_id, tokenizer.eos_id), pad_id=tokenizer.pad_id,
+        **({"max_obs_len": r.max_obs_len} if is_host else {}))
+  host, env, env_params = None, None, None
+  if is_host:
+    with checks.section("rollout"):
+      rollout_config.validate(None, model_config.vocab_size)
+      if rollout_config.max_len > model_config.max_position_embeddings:
+        checks.fail("max_len", f"{rollout_config.max_len} exceeds the model's max_position_embeddings "
+                    f"{model_config.max_position_embeddings}")
+    train.check_update_batch(update_config, rollout_config.batch_size)
+    from experiments import host_runner  # noqa: PLC0415 (it imports this module)
+
+    host = host_runner.host_envs(config, tokenizer)
+  else:
+    env, env_params = _jax_env(config, tokenizer)
+    train.check_env_rollout(env, rollout_config, model_config, "rollout")
+    train.check_update_batch(update_config, rollout_config.batch_size)
   sft_rollout_config = dataclasses.replace(rollout_config, num_tasks=config.sft.num_tasks, episodes_per_task=1)
   seeds = tuple(range(t.seed_offset, t.seed_offset + num_seeds))
   return Setup(config=config, tokenizer=tokenizer, env=env, env_params=env_params, model_config=model_config,
                checkpoint_params=checkpoint_params, rollout_config=rollout_config, update_config=update_config,
                optim_config=optim_config, sft_optim_config=sft_optim_config, sft_rollout_config=sft_rollout_config,
-               seeds=seeds)
+               seeds=seeds, host=host)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -323,6 +342,12 @@ def warm_start(setup: Setup, *, progress: bool = True, log: Callable[[dict], Non
   steps = config.sft.steps
   if steps == 0:
     return setup.checkpoint_params
+  if setup.host is not None:
+    from experiments import host_runner  # noqa: PLC0415
+
+    starts = [host_runner.warm_start(setup, seed, progress=progress, log=log) for seed in
+              (setup.seeds if config.sft.per_seed else setup.seeds[:1])]
+    return jax.tree.map(lambda *x: jnp.stack(x), *starts) if config.sft.per_seed else starts[0]
   programs = _PROGRAMS.setdefault(_setup_key(setup, "sft"), {})
   if "run" not in programs:
     programs["run"] = train.make_sft_run(setup.model_config, setup.sft_optim_config, setup.env,
@@ -374,13 +399,18 @@ def records_from_eval(method: str, eval_lines: list[dict]) -> list[dict]:
 def run(config: ml_collections.ConfigDict, workdir: str, *, resume: bool = False, sft_params: Any = None,
         setup: Setup | None = None, print_fn: Callable[[str], None] = print) -> dict:
   """Trains `config` in `workdir`; see the module docstring. Returns {"records": per-seed held-out curves (the
-  `experiments.report` format), "final": the last evaluation per seed, "table": the summary table (markdown)}.
+  `experiments.report` format), "final": the last evaluation per seed, "table": the summary table (markdown),
+  "state": the final TrainState (stacked over seeds; a tuple of per-seed states for a host environment)}.
 
   sft_params: a warm start computed elsewhere (an ablation shares one per seed across methods); None runs the
   configured SFT. resume: continue from the latest complete checkpoint in workdir/checkpoints (a missing or empty
   directory is a one-line FileNotFoundError, raised before anything compiles).
   """
   setup = build(config) if setup is None else setup
+  if setup.host is not None:
+    from experiments import host_runner  # noqa: PLC0415
+
+    return host_runner.run(setup, workdir, resume=resume, sft_params=sft_params, print_fn=print_fn)
   config = setup.config  # presets resolved: config.json records what ran
   t, name = config.train, config.name
   os.makedirs(workdir, exist_ok=True)

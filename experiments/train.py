@@ -5,6 +5,13 @@
       --config.algo.whiten=token --workdir=runs/steppo_token_gae
   python experiments/train.py --config=experiments/configs/steppo.py --workdir=runs/steppo --resume
 
+Host environments take their data besides the name (the seeds then run one after another):
+
+  python experiments/train.py --config=experiments/configs/grpo.py --config.env.name=search_qa \
+      --config.env.data=data/hotpot_train_v1.1.json --workdir=runs/grpo_search_qa
+  python experiments/train.py --config=experiments/configs/grpo.py --config.env.name=textworld \
+      --config.env.games=data/tw_games --workdir=runs/grpo_textworld
+
 Writes metrics.jsonl, eval.jsonl, sft.jsonl, TensorBoard files (tb/), orbax checkpoints (checkpoints/) and config.json
 to --workdir, shows a progress bar and prints the held-out summary table at the end.
 """

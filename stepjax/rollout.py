@@ -289,7 +289,7 @@ def _jitted_rollout(model, env, config: RolloutConfig, actor: str) -> Callable:
   return jax.jit(make_rollout(model, env, config, actor))
 
 
-def make_host_rollout(model, config: RolloutConfig, tokenizer) -> Callable:
+def make_host_rollout(model, config: RolloutConfig, tokenizer, actor: str = "model") -> Callable:
   """-> `host_rollout(params, pool, seeds, key, group_ids=None, timings=None) -> (EpisodeBatch, HostRolloutInfo)`
   for host environments.
 
@@ -298,14 +298,38 @@ def make_host_rollout(model, config: RolloutConfig, tokenizer) -> Callable:
   (the model's tokens stay in the batch exactly as generated) and the observations are encoded once (text) or used as
   given (token ids). An observation longer than `config.max_obs_len` cannot be appended without dropping tokens:
   that episode ends there as truncated, without the observation, and `HostRolloutInfo.obs_overflow` flags it.
+
+  actor="model" samples the actions; actor="expert" replays each env's `expert_command()` instead (the SFT warm start
+  of host environments): its text encoded with `tokenizer` plus the end-of-step token, forced through the same cache
+  as the jitted loop's expert (`act` with forced actions: the tokens are action tokens, scored by the policy). An
+  env without an expert command for a live row (None: e.g. a TextWorld game with no winning policy left) gets the
+  end-of-step token alone, an empty command. An expert action longer than `max_action_len` is a one-line ValueError
+  naming rollout.max_action_len (it could not be replayed without cutting it).
   """
+  check_choice(actor, "rollout.actor", ACTORS)
   config.validate(config.max_obs_len, model.config.vocab_size)
   width = config.max_obs_len
-  begin_fn = jax.jit(lambda params, obs, obs_len, groups: begin(model, params, obs, obs_len, groups, config))
-  act_fn = jax.jit(lambda params, rs, key: act(model, params, rs, key, config, width))
-  observe_fn = jax.jit(lambda params, rs, obs, obs_len, reward, term, trunc: observe(
-      model, params, rs, obs, obs_len, reward, term, trunc))
-  finish_fn = jax.jit(finish)
+  per_row = dataclasses.replace(config, num_tasks=1, episodes_per_task=1)
+  begin_fn, force_fn, observe_fn, finish_fn = _host_pieces(model, dataclasses.replace(
+      per_row, temperature=1.0, top_k=0, top_p=1.0, greedy=False))
+  act_fn = _host_act(model, per_row)
+  end_of_step = tokenizer.end_of_step_id
+
+  def expert_actions(pool, live):
+    """[B, max_action_len] tokens and [B] lengths of each env's expert command (rows not live: empty)."""
+    tokens = np.full((len(pool), config.max_action_len), config.pad_id, np.int32)
+    lengths = np.zeros((len(pool),), np.int32)
+    for i, env in enumerate(pool.envs):
+      if not live[i]:
+        continue
+      command = env.expert_command()
+      ids = (tokenizer.encode(command) if command is not None else []) + [end_of_step]
+      if len(ids) > config.max_action_len:
+        fail("rollout.max_action_len", f"{config.max_action_len} is shorter than the expert's action {command!r:.80} "
+                                       f"({len(ids)} tokens with the end-of-step token)")
+      tokens[i, :len(ids)] = ids
+      lengths[i] = len(ids)
+    return tokens, lengths
 
   def encode(observations, rows_ok):
     ids = np.zeros((len(observations), width), np.int32)
@@ -336,9 +360,13 @@ def make_host_rollout(model, config: RolloutConfig, tokenizer) -> Callable:
     groups = np.arange(b, dtype=np.int32) if group_ids is None else np.asarray(group_ids, np.int32)
     rs = begin_fn(params, first, lengths, groups)
     success, parsed, obs_overflow = np.zeros(b, bool), np.zeros(b, np.int32), np.zeros(b, bool)
+    env_metrics: dict[str, np.ndarray] = {}
     for step_key in jax.random.split(key, config.max_steps):
       with clock("act"):
-        rs, action, action_len, active = act_fn(params, rs, step_key)
+        if actor == "expert":
+          rs, action, action_len, active = force_fn(params, rs, step_key, *expert_actions(pool, ~np.asarray(rs.done)))
+        else:
+          rs, action, action_len, active = act_fn(params, rs, step_key)
         active, action, action_len = np.asarray(active), np.asarray(action), np.asarray(action_len)
       if not active.any():
         break
@@ -354,13 +382,38 @@ def make_host_rollout(model, config: RolloutConfig, tokenizer) -> Callable:
         if r is not None:
           success[i] |= bool(r.info.get("success", False))
           parsed[i] += bool(r.info.get("parsed", True))
+          for name in HOST_INFO_METRICS:
+            if isinstance(r.info.get(name), (int, float, np.number)):
+              env_metrics.setdefault(name, np.zeros(b, np.float32))[i] = float(r.info[name])
       obs_overflow |= overflow
       with clock("observe"):
         rs = jax.block_until_ready(observe_fn(params, rs, obs, obs_len, reward, term, trunc))
     batch = finish_fn(rs)
-    return batch, HostRolloutInfo.from_counts(batch, success, parsed, obs_overflow=obs_overflow)
+    return batch, HostRolloutInfo.from_counts(batch, success, parsed, obs_overflow=obs_overflow,
+                                              env_metrics=env_metrics)
 
   return host_rollout
+
+
+@functools.lru_cache(maxsize=16)
+def _host_pieces(model, config: RolloutConfig) -> tuple[Callable, ...]:
+  """The jitted begin / forced act / observe / finish of the host loop, shared by every host rollout of one model
+  and one per-row config (`config` with the batch layout and the sampling settings normalised away: the batch size
+  enters through the arrays' shapes, and none of these samples), so a run's training, evaluation and expert loops
+  compile them once per batch size."""
+  width = config.max_obs_len
+  begin_fn = jax.jit(lambda params, obs, obs_len, groups: begin(model, params, obs, obs_len, groups, config))
+  force_fn = jax.jit(lambda params, rs, key, tokens, lengths: act(model, params, rs, key, config, width,
+                                                                 (tokens, lengths)))
+  observe_fn = jax.jit(lambda params, rs, obs, obs_len, reward, term, trunc: observe(
+      model, params, rs, obs, obs_len, reward, term, trunc))
+  return begin_fn, force_fn, observe_fn, jax.jit(finish)
+
+
+@functools.lru_cache(maxsize=16)
+def _host_act(model, config: RolloutConfig) -> Callable:
+  """The jitted sampling `act` of the host loop, shared like `_host_pieces` (per sampling settings)."""
+  return jax.jit(lambda params, rs, key: act(model, params, rs, key, config, config.max_obs_len))
 
 
 class _PhaseClock:
@@ -382,8 +435,16 @@ class _PhaseClock:
     return timed()
 
 
+# Per-episode numbers a host env may report in `HostStep.info` (search_qa: exact match, token F1, searches so far);
+# the host loop keeps each episode's last reported value in `HostRolloutInfo.env_metrics`.
+HOST_INFO_METRICS = ("em", "f1", "searches")
+
+
 @struct.dataclass
 class HostRolloutInfo(RolloutInfo):
-  """RolloutInfo plus obs_overflow [B]: an observation did not fit `max_obs_len`, so the episode was truncated."""
+  """RolloutInfo plus obs_overflow [B]: an observation did not fit `max_obs_len`, so the episode was truncated; and
+  env_metrics: {name: [B] float32} for each of `HOST_INFO_METRICS` the envs report (the last value of each episode,
+  0 for an episode that never reported it; empty when no env reports any)."""
 
   obs_overflow: Array = None
+  env_metrics: dict = None

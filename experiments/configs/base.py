@@ -37,8 +37,9 @@ def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.name = "steppo"
 
-  # Environment: a pure-JAX environment by name (lookup_qa, textworld_lite, grid_nav). Fields left None take the
-  # environment's preset (experiments/configs/presets.py), so switching environments is this one field.
+  # Environment by name: pure-JAX (lookup_qa, textworld_lite, grid_nav; seeds vmapped) or host (search_qa,
+  # textworld; Python envs on threads, seeds one after another). Fields left None take the environment's preset
+  # (experiments/configs/presets.py), so switching environments is this one field (plus the data of a host env).
   c.env = ml_collections.ConfigDict(dict(
       name="lookup_qa",
       step_format=config_dict.placeholder(str),  # "plain" (a command) or "think" (<think>...</think> + a command)
@@ -48,6 +49,18 @@ def get_config() -> ml_collections.ConfigDict:
       num_rooms=config_dict.placeholder(int),  # textworld_lite
       size=config_dict.placeholder(int),  # grid_nav: the side of the grid
       invalid_penalty=0.0,
+      # search_qa: the question file (required) and its format (hotpotqa, 2wikimultihopqa, musique); an optional
+      # corpus JSONL of {"title", "text"} passages (None: the questions' context paragraphs); where the BM25 index is
+      # saved (None: <data>.bm25 next to the question file); "command" or "tags" calls; passages per search and the
+      # characters kept of each.
+      data=config_dict.placeholder(str), data_format=config_dict.placeholder(str),
+      corpus=config_dict.placeholder(str), index_dir=config_dict.placeholder(str),
+      tool_format=config_dict.placeholder(str), top_k=config_dict.placeholder(int),
+      passage_budget=config_dict.placeholder(int),
+      # textworld: a directory of compiled games (.z8 with its .json, from stepjax.envs.textworld_env.make_games).
+      games=config_dict.placeholder(str),
+      # Host envs: the fraction of questions (games) held out for evaluation, chosen by a hash of the id (file name).
+      held_out_fraction=config_dict.placeholder(float),
   ))
   # "byte", "word" (the environment's vocabulary as whole-word tokens, bytes for the rest), or a tokenizer.json
   # path; the think format adds <think> / </think> to byte and word tokenizers. None: the environment's preset.
@@ -67,6 +80,7 @@ def get_config() -> ml_collections.ConfigDict:
       # None: the environment's preset (a step budget, a context that holds an expert episode, the longest step).
       max_steps=config_dict.placeholder(int), max_len=config_dict.placeholder(int),
       max_action_len=config_dict.placeholder(int),
+      max_obs_len=config_dict.placeholder(int),  # host envs: the longest observation (JAX envs size their own)
       temperature=1.0, top_k=0, top_p=1.0,
   ))
 
@@ -99,7 +113,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.train = ml_collections.ConfigDict(dict(
       iterations=30,
-      seeds=3,  # seeds seed_offset ... seed_offset + seeds - 1, vmapped in one program for JAX environments
+      seeds=3,  # seeds seed_offset ... seed_offset + seeds - 1: vmapped in one program (JAX envs), in turn (host)
       seed_offset=0,
       eval_every=5,  # iterations between held-out evaluations (must divide iterations)
       eval_episodes=256,

@@ -14,6 +14,21 @@ The scripted expert under these presets, 64 episodes each (think format; success
 | grid_nav       | byte      | 7.0, 12                     | 22.1, 21-23                   | 683, 1066                    |
 
 The byte-level environments are here to be one flag away, not to be cheap: their contexts are 4-6x the default's.
+
+Host environments (seeds run one after another) need their data besides the name: `env.data` (a question file) for
+search_qa, `env.games` (a directory of games from `textworld_env.make_games`) for textworld. Their expert episodes
+under these presets (byte tokenizer, plain format; every episode solved):
+
+| env       | data                                 | steps | tokens / step (mean, max) | obs max | episode (mean, max) |
+|-----------|--------------------------------------|-------|---------------------------|---------|---------------------|
+| search_qa | 20 generated 2-hop questions (tests) | 3, 3  | 16.0, 17                  | 147     | 411, 420            |
+| textworld | 6 games: 3 rooms, 5 objects, quest 3 | 3, 3  | 17.7, 39                  | 649     | 1034, 1246          |
+
+search_qa's lengths are sized for real HotpotQA rather than those short generated paragraphs: a search returns
+top_k=2 passages of at most passage_budget=160 characters after titles of up to ~80 (<= ~500 bytes with the cue),
+so max_obs_len=512 holds any observation, max_action_len=96 holds `search <title>` for long titles, and max_len=2048
+lets the answer step of a 2-search episode start (a step starts only with room for max_action_len + max_obs_len
+more tokens). textworld's max_len=2048 leaves the same room after its longest expert prefix (~1250 tokens).
 """
 
 from __future__ import annotations
@@ -46,11 +61,32 @@ ENV_PRESETS: dict[str, dict[str, dict]] = {
     },
 }
 
+# The same for host environments; kept apart because they cannot be built from the name alone (they need env.data or
+# env.games), which is what ENV_PRESETS' environments promise.
+HOST_ENV_PRESETS: dict[str, dict[str, dict]] = {
+    # Multi-hop QA with a BM25 search tool over the user's HotpotQA-layout file (env.data); 20% of the questions
+    # (by a hash of the id) are held out for evaluation. Plain `search <query>` / `answer <text>` lines.
+    "search_qa": {
+        "": {"tokenizer": "byte"},
+        "env": {"step_format": "plain", "data_format": "hotpotqa", "held_out_fraction": 0.2, "tool_format": "command",
+                "top_k": 2, "passage_budget": 160},
+        "rollout": {"max_steps": 4, "max_len": 2048, "max_action_len": 96, "max_obs_len": 512},
+        "model": {"max_position_embeddings": 2048},
+    },
+    # TextWorld games compiled offline (env.games); 20% of the games (by a hash of the file name) are held out.
+    "textworld": {
+        "": {"tokenizer": "byte"},
+        "env": {"step_format": "plain", "held_out_fraction": 0.2},
+        "rollout": {"max_steps": 6, "max_len": 2048, "max_action_len": 48, "max_obs_len": 768},
+        "model": {"max_position_embeddings": 2048},
+    },
+}
+
 
 def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """A copy of `config` whose None fields named by its environment's preset take the preset's values."""
   config = config.copy_and_resolve_references()
-  preset = ENV_PRESETS.get(config.env.name)
+  preset = ENV_PRESETS.get(config.env.name, HOST_ENV_PRESETS.get(config.env.name))
   if preset is None:
     return config  # the runner names the allowed environments
   for section, fields in preset.items():

@@ -52,6 +52,15 @@ def rollout_metrics(batch: EpisodeBatch, info: Any) -> dict:
   })
 
 
+def host_rollout_metrics(batch: EpisodeBatch, info: Any) -> dict:
+  """`rollout_metrics` of a host rollout (`rollout.HostRolloutInfo`) plus the mean of each per-episode number the
+  envs reported (`HostRolloutInfo.env_metrics`: em, f1, searches for search_qa), under the same names."""
+  metrics = rollout_metrics(batch, info)
+  for name, values in (getattr(info, "env_metrics", None) or {}).items():
+    metrics[name] = jnp.mean(jnp.asarray(values, jnp.float32))
+  return metrics
+
+
 def check_env_rollout(env, rollout_config, model_config: ModelConfig, field: str) -> None:
   """One line before anything compiles: the rollout must fit the model and the environment. `field` is the config
   section the rollout settings come from ("rollout", "eval.rollout", "sft.rollout")."""
@@ -105,22 +114,25 @@ def make_train_iteration(model_config: ModelConfig, env, rollout_config, update_
 def make_host_train_iteration(model_config: ModelConfig, rollout_config, tokenizer, update_config: UpdateConfig,
                               optim_config: OptimConfig, *,
                               compiler_options: Mapping[str, Any] | None = None) -> Callable:
-  """-> `iteration(state, pool, seeds, group_ids=None) -> (state, metrics)` for host environments (TextWorld, any
-  `envs.host.HostEnv`): the host loop around the same jitted pieces. One call rolls out one episode per env of `pool`
-  (`rollout.make_host_rollout`, reset with `seeds`; the rollout key is split off `state.rng` as in
+  """-> `iteration(state, pool, seeds, group_ids=None, timings=None) -> (state, metrics)` for host environments
+  (TextWorld, any `envs.host.HostEnv`): the host loop around the same jitted pieces. One call rolls out one episode
+  per env of `pool` (`rollout.make_host_rollout`, reset with `seeds`; the rollout key is split off `state.rng` as in
   `make_train_iteration`), then runs `make_update` on the batch. metrics (host floats): the update's plus
-  `rollout_metrics`'. With update.halt_on_nonfinite a skipped minibatch raises (`check_halt`).
+  `host_rollout_metrics`' (em / f1 / searches when the envs report them). timings: a dict that accumulates the
+  rollout's seconds per phase ("act", "env", "observe"). With update.halt_on_nonfinite a skipped minibatch raises
+  (`check_halt`).
   """
   update_config.validate()
   host_rollout = rollout_lib.make_host_rollout(Transformer(model_config), rollout_config, tokenizer)
   update = make_update(model_config, update_config, optim_config, compiler_options=compiler_options)
 
-  def iteration(state: TrainState, pool, seeds, group_ids=None) -> tuple[TrainState, dict]:
+  def iteration(state: TrainState, pool, seeds, group_ids=None, timings: dict | None = None
+                ) -> tuple[TrainState, dict]:
     rng, rollout_key = jax.random.split(state.key)
-    batch, info = host_rollout(policy_trunk(state.params["policy"]), pool, seeds, rollout_key, group_ids)
+    batch, info = host_rollout(policy_trunk(state.params["policy"]), pool, seeds, rollout_key, group_ids, timings)
     state, metrics = update(state.replace(rng=raw_key(rng)), batch)
     metrics = {name: float(value) for name, value in
-               jax.device_get({**metrics, **rollout_metrics(batch, info)}).items()}
+               jax.device_get({**metrics, **host_rollout_metrics(batch, info)}).items()}
     check_halt(metrics, update_config)
     return state, metrics
 

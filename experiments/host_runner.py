@@ -1,0 +1,337 @@
+"""Host environments in the experiment runner: `runner.build` / `warm_start` / `run` hand over to this module when
+`env.name` is a host environment (search_qa over the user's question file, textworld over compiled games: Python
+objects behind `envs.host.HostEnv`, stepped on threads by a `HostEnvPool`).
+
+`run` does what `runner.run` does for the JAX environments, with the host loop:
+
+  split   the questions (games) are split by `stepjax.data.held_out(id, env.held_out_fraction)` into training and
+          held-out ones, never overlapping; every episode plays one of its split's items;
+  SFT     `sft.steps` AdamW steps (`train.make_sft_update`) on expert episodes (`rollout.make_host_rollout` with
+          actor="expert": each env's `expert_command()` replayed as action tokens) of `sft.num_tasks` training
+          questions each, in a Python loop;
+  RL      the seeds one after another, each with its own pool of `rollout.num_tasks * episodes_per_task` envs;
+          each iteration (`train.make_host_train_iteration`) draws num_tasks training questions from the state's key
+          (the episodes of a group share a question and a group id);
+  eval    `train.eval_episodes` held-out episodes (greedy and sampled, the rollout key from `train.eval_seed`) after
+          the SFT start and every `train.eval_every` iterations; em / f1 / searches join the metrics when the env
+          reports them;
+  logs    as runner.run's, plus env_steps_per_s (agent steps over the seconds spent inside the envs) per iteration;
+  ckpt    one orbax directory per seed (checkpoints/seed<k>); every seed's starting state is saved before the first
+          iteration, so `resume=True` restores each seed where it stopped (finished seeds are skipped) and continues
+          with the same results: the questions and the rollout keys come from the state's key.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import glob
+import os
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+
+from experiments import runner
+from stepjax import checks
+from stepjax import rollout as rollout_lib
+from stepjax import train
+from stepjax.envs.host import HostEnvPool
+from stepjax.models.transformer import Transformer
+from stepjax.train.loop import host_rollout_metrics
+
+
+@dataclasses.dataclass(frozen=True)
+class HostEnvs:
+  """A host environment's two splits and how to make envs over one: `make_envs(items, count)` -> `count` HostEnvs
+  whose `reset(seed)` plays `items[seed % len(items)]` (items: question dicts for search_qa, game paths for
+  textworld)."""
+
+  name: str
+  train_items: tuple
+  eval_items: tuple
+  make_envs: Callable[[Sequence[Any], int], list]
+
+
+
+def host_envs(config, tokenizer) -> HostEnvs:
+  """The host environment of a (resolved) config; a bad field is one ValueError line naming it."""
+  return _search_qa(config, tokenizer) if config.env.name == "search_qa" else _textworld(config)
+
+
+def split(items: list, ids: list[str], fraction: float, what: str) -> tuple[tuple, tuple]:
+  """(training items, held-out items) by `stepjax.data.held_out(id, fraction)`; both must be non-empty."""
+  from stepjax.data import held_out  # imports tensorflow_datasets (about a second): only for host environments
+
+  held = [held_out(item_id, fraction) for item_id in ids]
+  train_items = tuple(item for item, h in zip(items, held) if not h)
+  eval_items = tuple(item for item, h in zip(items, held) if h)
+  if not train_items or not eval_items:
+    checks.fail("env.held_out_fraction", f"{fraction} leaves no {'held-out' if not eval_items else 'training'} "
+                f"{what} of the {len(items)} (use a fraction that splits them)")
+  return train_items, eval_items
+
+
+def _search_qa(config, tokenizer) -> HostEnvs:
+  """search_qa over env.data: questions parsed with `stepjax.data.load_records`, split by held_out, one BM25 index
+  over every question's paragraphs (or env.corpus) shared by all envs, saved in env.index_dir (<data>.bm25)."""
+  from stepjax.data import FORMATS, load_records
+  from stepjax.envs import search_qa as sq
+
+  e, r = config.env, config.rollout
+  if e.data is None:
+    checks.fail("env.data", "search_qa needs a question file (HotpotQA / 2WikiMultihopQA / MuSiQue layout)")
+  if not isinstance(e.data, str) or not os.path.isfile(e.data):
+    checks.fail("env.data", f"{e.data!r} is not a file")
+  checks.check_choice(e.data_format, "env.data_format", FORMATS)
+  fraction = checks.check_number(e.held_out_fraction, "env.held_out_fraction", lambda v: 0 < v < 1, "in (0, 1)")
+  if e.corpus is not None and (not isinstance(e.corpus, str) or not os.path.isfile(e.corpus)):
+    checks.fail("env.corpus", f"{e.corpus!r} is not a file (a JSONL of {{\"title\", \"text\"}} passages, or None)")
+  if e.index_dir is not None and not isinstance(e.index_dir, str):
+    checks.fail("env.index_dir", f"must be a directory path or None, got {e.index_dir!r}")
+  with checks.section("env"):
+    checks.check_choice(e.step_format, "step_format", sq.STEP_FORMATS)
+    env_config = sq.SearchQAConfig(step_format=e.step_format, tool_format=e.tool_format, top_k=e.top_k,
+                                   passage_budget=e.passage_budget, max_steps=r.max_steps,
+                                   invalid_penalty=e.invalid_penalty)
+  try:
+    records = load_records(e.data, e.data_format).records
+  except ValueError as error:
+    raise ValueError(f"env.data: {error}") from None
+  train_items, eval_items = split(records, [record["id"] for record in records], fraction, "questions")
+  with checks.section("env.corpus", strip="corpus_file"):
+    passages = sq.load_corpus_jsonl(e.corpus) if e.corpus is not None else sq.passages_from_questions(records)
+  index = sq.BM25Index(passages, e.index_dir if e.index_dir is not None else e.data + ".bm25")
+  decode = None
+  if e.step_format == "think":
+    # <think> / </think> are special tokens the loop's skip_special decoding drops: the env reads the ids instead.
+    ends = {tokenizer.end_of_step_id, tokenizer.eos_id, tokenizer.pad_id}
+    decode = lambda ids: tokenizer.decode([int(i) for i in ids if int(i) not in ends])  # noqa: E731
+
+  def make_envs(items, count):
+    # One env checks every question; its copies share the questions and the index (an episode lives in the copy).
+    prototype = sq.SearchQAEnv(items, env_config, index=index, decode=decode)
+    return [copy.copy(prototype) for _ in range(count)]
+
+  return HostEnvs("search_qa", train_items, eval_items, make_envs)
+
+
+def _textworld(config) -> HostEnvs:
+  """textworld over the compiled games in env.games (file names split by held_out); one interpreter per env."""
+  from stepjax.envs import textworld_env
+
+  e, r = config.env, config.rollout
+  if e.step_format != "plain":
+    checks.fail("env.step_format", f"textworld reads one command line per step; use 'plain', not {e.step_format!r}")
+  if not isinstance(e.games, str) or not os.path.isdir(e.games):
+    checks.fail("env.games", f"{e.games!r} is not a directory of TextWorld games (textworld_env.make_games)")
+  games = [path for path in sorted(glob.glob(os.path.join(e.games, "*.z8"))) if os.path.isfile(path[:-3] + ".json")]
+  if not games:
+    checks.fail("env.games", f"{e.games} holds no compiled game (.z8 with its .json; textworld_env.make_games)")
+  fraction = checks.check_number(e.held_out_fraction, "env.held_out_fraction", lambda v: 0 < v < 1, "in (0, 1)")
+  train_items, eval_items = split(games, [os.path.basename(path) for path in games], fraction, "games")
+
+  def make_envs(items, count):
+    return [textworld_env.TextWorldEnv(list(items), max_steps=r.max_steps) for _ in range(count)]
+
+  return HostEnvs("textworld", train_items, eval_items, make_envs)
+
+
+TASK_DRAW = 0x7A5C  # folded into a state's key to draw an iteration's questions (the rollout key is its split)
+
+
+def draw_tasks(key, num_items: int, num_tasks: int) -> np.ndarray:
+  """[num_tasks] item indices drawn with `key` (without replacement when there are enough items)."""
+  return np.asarray(jax.random.choice(key, num_items, (num_tasks,), replace=num_items < num_tasks))
+
+
+def host_rows(state, setup: runner.Setup) -> tuple[list[int], np.ndarray]:
+  """The training rows of an iteration: (reset seed per row, group id per row). The num_tasks questions come from the
+  state's key, so they are a function of the state (a restored state draws the same ones); the episodes_per_task
+  rows of a task share its question and its group id."""
+  rc = setup.rollout_config
+  tasks = draw_tasks(jax.random.fold_in(state.key, TASK_DRAW), len(setup.host.train_items), rc.num_tasks)
+  groups = np.repeat(np.arange(rc.num_tasks, dtype=np.int32), rc.episodes_per_task)
+  return np.repeat(tasks, rc.episodes_per_task).tolist(), groups
+
+
+def _programs(setup: runner.Setup) -> dict[str, Callable]:
+  key = runner._setup_key(setup, "host")
+  if key not in runner._PROGRAMS:
+    mc, rc, tokenizer = setup.model_config, setup.rollout_config, setup.tokenizer
+    uc, oc = setup.update_config, setup.optim_config
+    eval_config = dataclasses.replace(rc, num_tasks=setup.config.train.eval_episodes, episodes_per_task=1)
+    model = Transformer(mc)
+    runner._PROGRAMS[key] = {
+        "init": lambda key, params: train.init_train_state(mc, uc, oc, key, params),
+        "iteration": train.make_host_train_iteration(mc, rc, tokenizer, uc, oc),
+        "greedy": rollout_lib.make_host_rollout(model, dataclasses.replace(eval_config, greedy=True), tokenizer),
+        "sampled": rollout_lib.make_host_rollout(model, dataclasses.replace(eval_config, greedy=False), tokenizer),
+    }
+  return runner._PROGRAMS[key]
+
+
+def warm_start(setup: runner.Setup, seed: int, *, progress: bool = True, log: Callable[[dict], None] | None = None):
+  """The SFT start of a host environment for one seed: `sft.steps` AdamW steps (`train.make_sft_update`, lr sft.lr)
+  from `model.checkpoint`'s params (or a random init), each on a fresh batch of expert episodes
+  (`make_host_rollout(actor="expert")`) of `sft.num_tasks` training questions drawn from the seed. -> Transformer
+  params. log(line) gets one line per step: the update's metrics and the expert's success rate."""
+  config, mc = setup.config, setup.model_config
+  programs = runner._PROGRAMS.setdefault(runner._setup_key(setup, "host_sft"), {})
+  if not programs:
+    programs["expert"] = rollout_lib.make_host_rollout(Transformer(mc), setup.sft_rollout_config, setup.tokenizer,
+                                                       actor="expert")
+    programs["update"] = train.make_sft_update(mc, setup.sft_optim_config)
+  init_key, key = jax.random.split(jax.random.fold_in(jax.random.key(seed), 0))
+  state = train.init_sft_state(mc, setup.sft_optim_config, init_key, setup.checkpoint_params)
+  host, num_tasks = setup.host, config.sft.num_tasks
+  from tqdm import tqdm
+
+  bar = tqdm(total=config.sft.steps, desc="sft", disable=not progress, dynamic_ncols=True, unit="step")
+  with HostEnvPool(host.make_envs(host.train_items, num_tasks)) as pool:
+    for step in range(config.sft.steps):
+      key, draw_key, rollout_key = jax.random.split(key, 3)
+      rows = draw_tasks(draw_key, len(host.train_items), num_tasks).tolist()
+      batch, info = programs["expert"](state.params["policy"], pool, rows, rollout_key)
+      state, metrics = programs["update"](state, batch)
+      line = {"step": step + 1, **{name: float(value) for name, value in jax.device_get(metrics).items()},
+              "expert_success": float(np.mean(info.success))}
+      if config.sft.per_seed:
+        line["seed"] = seed
+      if log is not None:
+        log(line)
+      bar.update(1)
+      bar.set_postfix(nll=f"{line['nll']:.3f}", acc=f"{line['token_accuracy']:.3f}")
+  bar.close()
+  return state.params["policy"]
+
+
+def evaluate(programs: dict, state, setup: runner.Setup, pool: HostEnvPool, eval_key) -> dict:
+  """Held-out episodes of a host env (`pool` over the held-out items, row i playing the eval_seed permutation's
+  item i), greedy and sampled with the same rollout key: the metric names of `train.make_evaluate`, plus em / f1 /
+  searches (greedy) and their `_sampled` values when the env reports them."""
+  n = len(setup.host.eval_items)
+  order = np.random.default_rng(setup.config.train.eval_seed).permutation(n)
+  rows = [int(order[i % n]) for i in range(len(pool))]
+  params = train.policy_trunk(state.params["policy"])
+  greedy = jax.device_get(host_rollout_metrics(*programs["greedy"](params, pool, rows, eval_key)))
+  sampled = jax.device_get(host_rollout_metrics(*programs["sampled"](params, pool, rows, eval_key)))
+  metrics = {"success": greedy["success_rate"], "success_sampled": sampled["success_rate"],
+             "return": greedy["return_mean"], "return_sampled": sampled["return_mean"],
+             "episode_steps": greedy["episode_steps"], "invalid_rate": greedy["invalid_rate"]}
+  for name in rollout_lib.HOST_INFO_METRICS:
+    if name in greedy:
+      metrics[name], metrics[name + "_sampled"] = greedy[name], sampled[name]
+  return {name: float(value) for name, value in metrics.items()}
+
+
+def run(setup: runner.Setup, workdir: str, *, resume: bool, sft_params: Any, print_fn: Callable[[str], None]) -> dict:
+  """`run` for a host environment (module docstring): seeds in turn, checkpoints per seed. Returns run's dict with
+  "state": the final TrainState of each seed (a tuple, in seed order)."""
+  config = setup.config
+  t, name, seeds = config.train, config.name, setup.seeds
+  os.makedirs(workdir, exist_ok=True)
+  checkpoint_dir = os.path.join(workdir, "checkpoints")
+  seed_dirs = {seed: os.path.join(checkpoint_dir, f"seed{seed}") for seed in seeds}
+  if resume:
+    if not os.path.isdir(checkpoint_dir):
+      raise FileNotFoundError(f"checkpoint.directory: {checkpoint_dir} does not exist (nothing to resume)")
+    extras = {seed: train.checkpoint_metadata(seed_dirs[seed]) for seed in seeds}  # raises when one is missing
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json(indent=1))
+  programs = _programs(setup)
+  keys = {seed: jax.random.fold_in(jax.random.key(seed), 1) for seed in seeds}
+  eval_key = jax.random.key(t.eval_seed)
+
+  if resume:
+    done = {seed: int(extras[seed]["iteration"]) for seed in seeds}
+    for log_name in ("metrics.jsonl", "eval.jsonl"):
+      runner._cut_jsonl(os.path.join(workdir, log_name), lambda line: line["iteration"] <= done[line["seed"]])
+  else:
+    for log_name in ("sft.jsonl", "metrics.jsonl", "eval.jsonl"):
+      open(os.path.join(workdir, log_name), "w").close()
+    if sft_params is None:
+      sft_params = runner.warm_start(setup, progress=config.log.progress,
+                                     log=lambda line: runner._append_jsonl(os.path.join(workdir, "sft.jsonl"), line))
+    stacked = sft_params is not None and runner._is_stacked(sft_params, setup)
+    # Every seed's starting state is checkpointed first: a resume can then start any seed without the warm start.
+    for i, seed in enumerate(seeds):
+      start = jax.tree.map(lambda x: x[i], sft_params) if stacked else sft_params
+      manager = train.make_checkpoint_manager(seed_dirs[seed], max_to_keep=t.keep_checkpoints)
+      train.save_checkpoint(manager, programs["init"](keys[seed], start), 0,
+                            {"iteration": 0, "env_steps": 0, "name": name, "seed": seed})
+      manager.wait_until_finished()
+      manager.close()
+    done = {seed: 0 for seed in seeds}
+
+  logger = runner.Logger(workdir, seeds, t.iterations * len(seeds), sum(done.values()),
+                         tensorboard=config.log.tensorboard, progress=config.log.progress, description=name)
+  evaluated = {(line["seed"], line["iteration"]) for line in runner._read_jsonl(os.path.join(workdir, "eval.jsonl"))}
+  states = []
+  try:
+    for seed in seeds:
+      manager = train.make_checkpoint_manager(seed_dirs[seed], max_to_keep=t.keep_checkpoints)
+      try:
+        state = _seed(programs, setup, seed, keys[seed], eval_key, manager, logger, evaluated)
+      finally:
+        manager.wait_until_finished()
+        manager.close()
+      states.append(state)
+  finally:
+    logger.close()
+
+  eval_lines = runner._read_jsonl(os.path.join(workdir, "eval.jsonl"))
+  records = runner.records_from_eval(name, eval_lines)
+  table = runner._summary(name, records, eval_lines, print_fn)
+  return {"records": records, "final": [line for line in eval_lines if line["iteration"] == t.iterations],
+          "table": table, "state": tuple(states)}
+
+
+def _seed(programs: dict, setup: runner.Setup, seed: int, key, eval_key, manager, logger: runner.Logger,
+               evaluated: set) -> Any:
+  """One seed of a host run, from its latest checkpoint to train.iterations. -> its final TrainState."""
+  config, host, rc = setup.config, setup.host, setup.rollout_config
+  t = config.train
+  state, iteration = train.restore_checkpoint(manager, jax.eval_shape(programs["init"], key, None))
+  env_steps = int(train.checkpoint_metadata(manager)["env_steps"])
+  with HostEnvPool(host.make_envs(host.train_items, rc.batch_size)) as pool, \
+       HostEnvPool(host.make_envs(host.eval_items, t.eval_episodes)) as eval_pool:
+
+    def evaluate_and_log() -> dict:
+      metrics = evaluate(programs, state, setup, eval_pool, eval_key)
+      line = {"iteration": iteration, "seed": seed, "env_steps": env_steps, **metrics}
+      logger.jsonl("eval.jsonl", [line])
+      logger.scalars("eval", seed, iteration, {k: v for k, v in line.items() if k not in ("iteration", "seed")})
+      return metrics
+
+    evaluation = None
+    if (seed, iteration) not in evaluated:  # the start's evaluation (a resumed seed has it already)
+      evaluation = evaluate_and_log()
+    evaluations = iteration // t.eval_every
+    while iteration < t.iterations:
+      rows, groups = host_rows(state, setup)
+      timings: dict[str, float] = {}
+      start = time.perf_counter()
+      state, metrics = programs["iteration"](state, pool, rows, groups, timings)
+      elapsed = time.perf_counter() - start
+      iteration += 1
+      env_steps += int(metrics["agent_steps"])
+      logger.jsonl("metrics.jsonl", [{
+          "iteration": iteration, "seed": seed, "env_steps": env_steps, **metrics, "time_s": elapsed,
+          "agent_steps_per_s": metrics["agent_steps"] / elapsed,
+          "env_steps_per_s": metrics["agent_steps"] / max(timings.get("env", 0.0), 1e-9),
+          "tokens_per_s": metrics["action_tokens"] / elapsed}])
+      logger.scalars("train", seed, iteration, metrics)
+      if iteration % t.eval_every == 0:
+        evaluation = evaluate_and_log()
+        evaluations += 1
+        if evaluations % t.checkpoint_every == 0 or iteration == t.iterations:
+          train.save_checkpoint(manager, state, iteration, {"iteration": iteration, "env_steps": env_steps,
+                                                            "name": config.name, "seed": seed})
+      logger.bar.update(1)
+      logger.bar.set_postfix(seed=seed, success=f"{metrics['success_rate']:.3f}", ret=f"{metrics['return_mean']:.3f}",
+                             kl=f"{metrics['approx_kl']:.2e}", clip=f"{metrics['clip_frac']:.3f}",
+                             eval=f"{evaluation['success']:.3f}" if evaluation else "-",
+                             steps_s=f"{metrics['agent_steps'] / elapsed:.1f}")
+  return state
