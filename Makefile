@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.train
 	$(PY) -m benchmarks.iteration_parts
 	$(PY) -m benchmarks.attention
+	$(PY) -m benchmarks.host_train
 
 # Re-pin constraints.txt from what is installed in .venv.
 lock: $(STAMP)

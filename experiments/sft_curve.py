@@ -52,7 +52,8 @@ def sft_curve(setup: runner.Setup, steps: list[int], show: int = 0) -> list[dict
 
   Returns one row per length: {"steps", "nll", "token_accuracy" (means over the steps since the previous length and
   the seeds), per-seed lists "success", "success_sampled", "invalid_rate", "episode_steps", and with show > 0
-  "episodes": the first seed's greedy episodes on `show` held-out tasks (from train.eval_seed) as text (`decode_episode`)}.
+  "episodes": the first seed's greedy episodes on `show` held-out tasks (from train.eval_seed) as text
+  (`decode_episode`)}.
   """
   c = setup.config
   every = math.gcd(*steps)  # chunks end at every length: the largest divisor of the gcd up to the runner's chunk
@@ -155,7 +156,8 @@ def main(argv):
           f"(compilation included).\n\n{format_table(rows)}\n")
   for row in rows:
     if row.get("episodes"):
-      text += f"\nGreedy held-out episodes of seed {setup.seeds[0]} after {row['steps']} SFT steps (actions in [[ ]]):\n"
+      text += (f"\nGreedy held-out episodes of seed {setup.seeds[0]} after {row['steps']} SFT steps "
+               "(actions in [[ ]]):\n")
       text += "".join(f"\n```\n{episode}\n```\n" for episode in row["episodes"])
   with open(os.path.join(out_dir, "sft_curve.md"), "w") as f:
     f.write(text)

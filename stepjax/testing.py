@@ -1,7 +1,11 @@
-"""Random but valid `EpisodeBatch`es for tests and benchmarks (numpy, host side), and the plain-numpy references
-that several test files check the library against (loops over elements, float64, nothing shared with the library)."""
+"""Random but valid `EpisodeBatch`es for tests and benchmarks (numpy, host side), a generated multi-hop QA file in the
+HotpotQA layout (`write_multihop_questions`), and the plain-numpy references that several test files check the library
+against (loops over elements, float64, nothing shared with the library)."""
 
 from __future__ import annotations
+
+import json
+import random
 
 import numpy as np
 
@@ -86,3 +90,42 @@ def np_groups(keys, valid) -> dict:
     if ok:
       groups.setdefault(key, []).append(i)
   return groups
+
+
+ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z")
+VOWELS = ("a", "e", "i", "o", "u")
+TRADES = ("weaver", "glassblower", "cartographer", "beekeeper", "luthier")
+
+
+def _word(rng: random.Random, syllables: int) -> str:
+  return "".join(rng.choice(ONSETS) + rng.choice(VOWELS) for _ in range(syllables)).capitalize()
+
+
+def write_multihop_questions(path, count: int = 20, seed: int = 0) -> list[dict]:
+  """Writes `count` bridge questions "Which town was the teacher of A born in?" as a HotpotQA JSON list: A's paragraph
+  names the teacher B (fact 1), B's paragraph names the town (fact 1); two other questions' paragraphs are the
+  distractors (same title, same text, as HotpotQA repeats them). Returns the raw records."""
+  rng, names = random.Random(seed), set()
+
+  def fresh(syllables):
+    while (name := _word(rng, syllables) + " " + _word(rng, syllables)) in names:
+      pass
+    names.add(name)
+    return name
+
+  triples = [(fresh(2), fresh(2), _word(rng, 3)) for _ in range(count)]  # student, teacher, town
+  paragraphs = {}
+  for student, teacher, town in triples:
+    paragraphs[student] = [f"{student} was a {rng.choice(TRADES)}.", f" {student} trained with {teacher}."]
+    paragraphs[teacher] = [f"{teacher} was a {rng.choice(TRADES)}.", f" {teacher} was born in {town}."]
+  records = []
+  for i, (student, teacher, town) in enumerate(triples):
+    others = [t for t in paragraphs if t not in (student, teacher)]
+    context = [[title, paragraphs[title]] for title in [student, teacher, *rng.sample(others, 2)]]
+    rng.shuffle(context)
+    records.append({"_id": f"h{i:03d}", "question": f"Which town was the teacher of {student} born in?",
+                    "answer": town, "type": "bridge", "level": "easy",
+                    "supporting_facts": [[student, 1], [teacher, 1]], "context": context})
+  with open(path, "w") as f:
+    json.dump(records, f)
+  return records

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import ablation, configs, runner, sft_curve
+from experiments import ablation, runner
 from experiments.configs import (base, gigpo, grpo, presets, reinforce_pp, rloo, steppo, steppo_exact, token_ppo,
                                  token_ppo_lam95)
 from stepjax import rollout, train
@@ -175,42 +175,6 @@ def test_ablation_rejects_unknown_method_and_field():
     ablation.study_configs(["ppo2"], 3, {})
   with pytest.raises(ValueError, match=r"^set: 'algo.gama' is not a config field"):
     ablation.study_configs(["steppo"], 3, {"algo.gama": 0.9})
-
-
-def test_study_overrides_regime_then_sets():
-  overrides = configs.study_overrides("one_hop", ["rollout.max_len=96", "sft.per_seed=true", "algo.kl_kind=k1"])
-  assert overrides["rollout.max_len"] == 96 and overrides["env.hops"] == 1
-  assert overrides["sft.per_seed"] is True and overrides["algo.kl_kind"] == "k1"
-  with pytest.raises(ValueError, match=r"^regime: unknown 'two_hop'; allowed: one_hop"):
-    configs.study_overrides("two_hop", [])
-  with pytest.raises(ValueError, match=r"^set: expected field=value, got 'sft.steps'"):
-    configs.study_overrides(None, ["sft.steps"])
-
-
-def test_sft_curve_scores_the_warm_start_at_each_length():
-  with pytest.raises(ValueError, match=r"^steps: expected increasing positive integers, got \[4, 2\]"):
-    sft_curve.parse_steps(["4", "2"])
-  with pytest.raises(ValueError, match=r"^steps: expected comma-separated integers"):
-    sft_curve.parse_steps(["4", "x"])
-  config = small(steppo.get_config())
-  config.sft.steps = 4
-  config.train.eval_episodes = 8
-  setup = runner.build(config)
-  rows = sft_curve.sft_curve(setup, [2, 4], show=1)
-  assert [row["steps"] for row in rows] == [2, 4]
-  for episode in rows[-1]["episodes"]:  # the prompt (question) first, then actions between [[ ]]
-    assert episode.index("Q: what is the") < episode.index("[[") < episode.index("]]")
-    assert episode.count("[[") == episode.count("]]")
-  # The last row is the held-out score of the warm start the runner makes with that many steps (one per seed).
-  evaluate = jax.jit(jax.vmap(train.make_evaluate(setup.model_config, setup.env, setup.rollout_config, 8),
-                              in_axes=(0, None, None)))
-  config.sft.per_seed = True  # the runner's per-seed warm start of 4 steps (in one chunk, not two)
-  params = runner.warm_start(runner.build(config), progress=False)
-  expected = jax.device_get(evaluate(params, setup.env_params, jax.random.key(config.train.eval_seed)))
-  for key in ("success", "success_sampled", "invalid_rate", "episode_steps"):
-    np.testing.assert_allclose(rows[-1][key], expected[key], atol=1e-6, err_msg=key)
-  assert rows[0]["nll"] > rows[1]["nll"]
-  assert "| 4 |" in sft_curve.format_table(rows)
 
 
 def test_model_from_a_hugging_face_checkpoint(tmp_path):

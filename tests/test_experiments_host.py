@@ -2,14 +2,13 @@
 expert's text and solves every question, `runner.run` does SFT + RL with held-out evaluation and writes the logs,
 and a resumed run ends exactly where an uninterrupted one does.
 
-The questions come from `write_questions`: two-hop bridge questions over made-up people and towns in the HotpotQA
-file layout ("_id", "question", "answer", "supporting_facts", "context"), each with its 2 supporting paragraphs and
-2 distractor paragraphs of other questions."""
+The questions come from `stepjax.testing.write_multihop_questions`: two-hop bridge questions over made-up people
+and towns in the HotpotQA file layout ("_id", "question", "answer", "supporting_facts", "context"), each with its 2
+supporting paragraphs and 2 distractor paragraphs of other questions."""
 
 import dataclasses
 import json
 import os
-import random
 
 import jax
 import numpy as np
@@ -20,45 +19,7 @@ from experiments.configs import grpo
 from stepjax import rollout as rollout_lib
 from stepjax.envs.host import HostEnvPool
 from stepjax.models import Transformer
-
-ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z")
-VOWELS = ("a", "e", "i", "o", "u")
-TRADES = ("weaver", "glassblower", "cartographer", "beekeeper", "luthier")
-
-
-def _word(rng: random.Random, syllables: int) -> str:
-  return "".join(rng.choice(ONSETS) + rng.choice(VOWELS) for _ in range(syllables)).capitalize()
-
-
-def write_questions(path, count: int = 20, seed: int = 0) -> list[dict]:
-  """Writes `count` bridge questions "Which town was the teacher of A born in?" as a HotpotQA JSON list: A's paragraph
-  names the teacher B (fact 1), B's paragraph names the town (fact 1); two other questions' paragraphs are the
-  distractors (same title, same text, as HotpotQA repeats them). Returns the raw records."""
-  rng, names = random.Random(seed), set()
-
-  def fresh(syllables):
-    while (name := _word(rng, syllables) + " " + _word(rng, syllables)) in names:
-      pass
-    names.add(name)
-    return name
-
-  triples = [(fresh(2), fresh(2), _word(rng, 3)) for _ in range(count)]  # student, teacher, town
-  paragraphs = {}
-  for student, teacher, town in triples:
-    paragraphs[student] = [f"{student} was a {rng.choice(TRADES)}.", f" {student} trained with {teacher}."]
-    paragraphs[teacher] = [f"{teacher} was a {rng.choice(TRADES)}.", f" {teacher} was born in {town}."]
-  records = []
-  for i, (student, teacher, town) in enumerate(triples):
-    others = [t for t in paragraphs if t not in (student, teacher)]
-    context = [[title, paragraphs[title]] for title in [student, teacher, *rng.sample(others, 2)]]
-    rng.shuffle(context)
-    records.append({"_id": f"h{i:03d}", "question": f"Which town was the teacher of {student} born in?",
-                    "answer": town, "type": "bridge", "level": "easy",
-                    "supporting_facts": [[student, 1], [teacher, 1]], "context": context})
-  with open(path, "w") as f:
-    json.dump(records, f)
-  return records
-
+from stepjax.testing import write_multihop_questions
 
 def tiny(config, data, **train):
   """search_qa at test size: a 1-layer 32-wide model, 2 x 2 episodes, short passages and contexts, 2 SFT steps."""
@@ -77,7 +38,7 @@ def tiny(config, data, **train):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
   path = tmp_path_factory.mktemp("hotpot") / "questions.json"
-  write_questions(path)
+  write_multihop_questions(path)
   return path
 
 
