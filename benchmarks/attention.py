@@ -2,8 +2,8 @@
 
 `stepjax.models.attention.causal_attention(q, k, v, block)` with block 0 is the plain form: one [T, T] score matrix
 per head, the upper triangle masked. Blocked, query block i reads only keys [0, end of block i). Shapes are those of
-the lookup_qa preset's update (16 episodes a minibatch, 4 query heads sharing 2 kv heads of 16 dims); the model
-default is block 32 (`ModelConfig.attention_block`). Median of repeated runs after a warm-up; the ratio is plain
+the lookup_qa preset's update (16 episodes a minibatch, 4 query heads sharing 2 kv heads of 16 dims); the
+experiment presets use block 32 (`ModelConfig.attention_block`, whose library default 0 is the plain form). Median of repeated runs after a warm-up; the ratio is plain
 time / blocked time (> 1: the blocked form is faster).
 
     python -m benchmarks.attention [--repeats 10] [--batch 16] [--lengths 128,256,512] [--markdown out.md]

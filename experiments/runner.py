@@ -53,7 +53,7 @@ HOST_ENVS = ("search_qa", "textworld")
 CRITICS = ("head", "separate", "none")
 WHITEN = ("step", "token", "none")
 MODEL_FIELDS = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
-                "max_position_embeddings", "dtype")
+                "max_position_embeddings", "dtype", "attention_block")
 # Keys of metrics.jsonl that depend on the machine, not on the run (left out when comparing runs).
 TIMING_KEYS = ("time_s", "agent_steps_per_s", "tokens_per_s", "env_steps_per_s")
 
@@ -127,6 +127,8 @@ def _model_config(config, tokenizer) -> tuple[ModelConfig, dict | None]:
     if not os.path.isdir(m.checkpoint):
       checks.fail("model.checkpoint", f"{m.checkpoint} is not a directory (a Hugging Face safetensors checkpoint)")
     model_config, params = hf.load_hf_checkpoint(m.checkpoint)
+    with checks.section("model"):
+      model_config = model_config.replace(attention_block=m.attention_block).validate()
     if model_config.vocab_size < tokenizer.vocab_size:
       checks.fail("model.checkpoint", f"vocab_size {model_config.vocab_size} does not cover the tokenizer's "
             f"{tokenizer.vocab_size} ids")

@@ -22,7 +22,7 @@ def one_hop(config):
   """The cheap lookup_qa regime the runner tests were sized for: one hop, plain commands of 2-3 tokens, L = 128."""
   config.env.update(step_format="plain", hops=1, max_hops=1, num_entities=16)
   config.rollout.update(max_steps=4, max_len=128, max_action_len=6)
-  config.model.max_position_embeddings = 512
+  config.model.update(max_position_embeddings=512, attention_block=0)
   return config
 
 

@@ -25,7 +25,7 @@ def tiny(config, data, **train):
   """search_qa at test size: a 1-layer 32-wide model, 2 x 2 episodes, short passages and contexts, 2 SFT steps."""
   config.env.update(name="search_qa", data=str(data), top_k=2, passage_budget=60)
   config.model.update(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16,
-                      max_position_embeddings=640)
+                      max_position_embeddings=640, attention_block=0)
   config.rollout.update(num_tasks=2, episodes_per_task=2, max_steps=4, max_len=640, max_action_len=48,
                         max_obs_len=192)
   config.algo.minibatches = 2

@@ -72,6 +72,8 @@ def get_config() -> ml_collections.ConfigDict:
       hidden_size=64, intermediate_size=256, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
       max_position_embeddings=config_dict.placeholder(int),  # None: the environment's preset
       dtype="float32",  # compute dtype; "bfloat16" on accelerators
+      # query rows per block of the training forward's causal attention (0: plain); None: the environment's preset
+      attention_block=config_dict.placeholder(int),
   ))
 
   # Episodes per iteration: num_tasks x episodes_per_task (the groups of GRPO / RLOO / GiGPO).

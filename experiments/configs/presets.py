@@ -43,21 +43,21 @@ ENV_PRESETS: dict[str, dict[str, dict]] = {
         "": {"tokenizer": "word"},
         "env": {"step_format": "think", "hops": 2, "max_hops": 2, "num_entities": 16},
         "rollout": {"max_steps": 4, "max_len": 256, "max_action_len": 40},
-        "model": {"max_position_embeddings": 256},
+        "model": {"max_position_embeddings": 256, "attention_block": 32},
     },
     # Rooms, doors and containers (ALFWorld-like), 2 rooms: the expert walks, opens, takes and puts in 2-6 steps.
     "textworld_lite": {
         "": {"tokenizer": "byte"},
         "env": {"step_format": "think", "num_rooms": 2},
         "rollout": {"max_steps": 8, "max_len": 1024, "max_action_len": 64},
-        "model": {"max_position_embeddings": 1024},
+        "model": {"max_position_embeddings": 1024, "attention_block": 32},
     },
     # A 5 x 5 grid with holes, a key and a locked goal: long horizons of short steps.
     "grid_nav": {
         "": {"tokenizer": "byte"},
         "env": {"step_format": "think", "size": 5},
         "rollout": {"max_steps": 12, "max_len": 1280, "max_action_len": 64},
-        "model": {"max_position_embeddings": 1280},
+        "model": {"max_position_embeddings": 1280, "attention_block": 32},
     },
 }
 
@@ -71,14 +71,14 @@ HOST_ENV_PRESETS: dict[str, dict[str, dict]] = {
         "env": {"step_format": "plain", "data_format": "hotpotqa", "held_out_fraction": 0.2, "tool_format": "command",
                 "top_k": 2, "passage_budget": 160},
         "rollout": {"max_steps": 4, "max_len": 2048, "max_action_len": 96, "max_obs_len": 512},
-        "model": {"max_position_embeddings": 2048},
+        "model": {"max_position_embeddings": 2048, "attention_block": 32},
     },
     # TextWorld games compiled offline (env.games); 20% of the games (by a hash of the file name) are held out.
     "textworld": {
         "": {"tokenizer": "byte"},
         "env": {"step_format": "plain", "held_out_fraction": 0.2},
         "rollout": {"max_steps": 6, "max_len": 2048, "max_action_len": 48, "max_obs_len": 768},
-        "model": {"max_position_embeddings": 2048},
+        "model": {"max_position_embeddings": 2048, "attention_block": 32},
     },
 }
 
@@ -104,7 +104,7 @@ REGIMES: dict[str, dict[str, object]] = {
     "one_hop": {
         "tokenizer": "word", "env.step_format": "plain", "env.hops": 1, "env.max_hops": 1, "env.num_entities": 16,
         "rollout.max_steps": 4, "rollout.max_len": 128, "rollout.max_action_len": 6,
-        "model.max_position_embeddings": 512,
+        "model.max_position_embeddings": 512, "model.attention_block": 0,
     },
 }
 
