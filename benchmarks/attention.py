@@ -11,7 +11,6 @@ time / blocked time (> 1: the blocked form is faster).
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -20,18 +19,16 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import emit, median_seconds  # noqa: E402
+from benchmarks.common import arg_parser, emit, median_seconds  # noqa: E402
 from stepjax.models.attention import causal_attention  # noqa: E402
 
 BLOCKS = (0, 16, 32, 64, 128)
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--repeats", type=int, default=10)
+  parser = arg_parser(__doc__, repeats=10)
   parser.add_argument("--batch", type=int, default=16)
   parser.add_argument("--lengths", default="128,256,512")
-  parser.add_argument("--markdown", default=None)
   args = parser.parse_args(argv)
   heads, kv_heads, head_dim = 4, 2, 16
   lines = [f"causal_attention, batch {args.batch}, {heads} query heads / {kv_heads} kv heads x {head_dim}, float32, "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from typing import Callable
@@ -28,3 +29,13 @@ def emit(lines: list[str], markdown_path: str | None) -> str:
     with open(markdown_path, "w") as f:
       f.write(table + "\n")
   return table
+
+
+def arg_parser(doc: str, repeats: int) -> argparse.ArgumentParser:
+  """The flags every benchmark script has: --repeats (timed runs, median reported) and --markdown (also write the
+  table there); the script adds its own."""
+  parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--repeats", type=int, default=repeats, help="timed runs after a warm-up (median reported)")
+  parser.add_argument("--markdown", default=None, help="also write the table(s) to this file")
+  return parser
+

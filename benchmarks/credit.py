@@ -12,7 +12,6 @@ block_until_ready.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import os
 import platform
@@ -29,6 +28,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from benchmarks.common import arg_parser  # noqa: E402
 from stepjax import credit  # noqa: E402
 from stepjax.testing import random_episode_batch  # noqa: E402
 
@@ -198,9 +198,7 @@ def markdown_table(rows: list[dict], context: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> str:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--repeats", type=int, default=20, help="timed runs per implementation (median reported)")
-  parser.add_argument("--markdown", type=str, default=None, help="also write the table to this file")
+  parser = arg_parser(__doc__, repeats=20)
   parser.add_argument("--batch-size", type=int, default=256)
   parser.add_argument("--max-steps", type=int, default=16)
   parser.add_argument("--max-len", type=int, default=2048)

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import tempfile
 
@@ -20,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import emit, median_seconds
+from benchmarks.common import arg_parser, emit, median_seconds
 from stepjax import sampling
 from stepjax.models import PolicyWithValue, hf, init_cache
 from stepjax.testing import random_episode_batch
@@ -175,9 +174,7 @@ def bench_packed_forward(config, repeats: int, batch=16, steps=8):
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--repeats", type=int, default=5)
-  parser.add_argument("--markdown", default=None, help="also write the tables to this file")
+  parser = arg_parser(__doc__, repeats=5)
   args = parser.parse_args(argv)
   print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPU cores", flush=True)
   gen = bench_generate(args.repeats)

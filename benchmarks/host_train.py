@@ -18,7 +18,6 @@ env steps/s counts agent steps over the seconds spent inside the envs; agent ste
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -29,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 
-from benchmarks.common import emit  # noqa: E402
+from benchmarks.common import arg_parser, emit  # noqa: E402
 from experiments import host_runner, runner  # noqa: E402
 from experiments.configs import grpo  # noqa: E402
 from stepjax import train  # noqa: E402
@@ -38,10 +37,8 @@ from stepjax.testing import write_multihop_questions  # noqa: E402
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--repeats", type=int, default=5)
+  parser = arg_parser(__doc__, repeats=5)
   parser.add_argument("--questions", type=int, default=200)
-  parser.add_argument("--markdown", default=None)
   args = parser.parse_args(argv)
   with tempfile.TemporaryDirectory() as tmp:
     data = os.path.join(tmp, "questions.json")

@@ -16,7 +16,6 @@ Median of repeated runs after a warm-up.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -25,7 +24,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import emit, median_seconds  # noqa: E402
+from benchmarks.common import arg_parser, emit, median_seconds  # noqa: E402
 from experiments import runner  # noqa: E402
 from experiments.configs import presets, steppo  # noqa: E402
 from stepjax import rollout, train  # noqa: E402
@@ -35,10 +34,8 @@ from stepjax.train.state import StateSpec, policy_trunk  # noqa: E402
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--repeats", type=int, default=3)
+  parser = arg_parser(__doc__, repeats=3)
   parser.add_argument("--regime", default="none", choices=["none", *presets.REGIMES])
-  parser.add_argument("--markdown", default=None)
   args = parser.parse_args(argv)
   config = presets.with_regime(steppo.get_config(), args.regime)
   setup = runner.build(config)

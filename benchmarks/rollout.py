@@ -16,14 +16,13 @@ bookkeeping.
 
 from __future__ import annotations
 
-import argparse
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import emit, median_seconds
+from benchmarks.common import arg_parser, emit, median_seconds
 from stepjax import rollout, sampling
 from stepjax.envs.host import HostEnvPool, JaxEnvAsHost
 from stepjax.envs.lookup_qa import LookupQA
@@ -33,11 +32,9 @@ from stepjax.tokenizers import ByteTokenizer
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--repeats", type=int, default=5)
+  parser = arg_parser(__doc__, repeats=5)
   parser.add_argument("--batch", type=int, default=64)
   parser.add_argument("--steps", type=int, default=8)
-  parser.add_argument("--markdown", default=None)
   args = parser.parse_args(argv)
   tok = ByteTokenizer()
   env = LookupQA(tok)
