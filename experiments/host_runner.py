@@ -6,6 +6,8 @@ objects behind `envs.host.HostEnv`, stepped on threads by a `HostEnvPool`).
 
   split   the questions (games) are split by `stepjax.data.held_out(id, env.held_out_fraction)` into training and
           held-out ones, never overlapping; every episode plays one of its split's items;
+  chat    with chat.template (a Hugging Face model's format) every env is a `ChatEnv`: its observations are user
+          turns plus the assistant header, as ids, the same for SFT, RL and evaluation;
   SFT     `sft.steps` AdamW steps (`train.make_sft_update`) on expert episodes (`rollout.make_host_rollout` with
           actor="expert": each env's `expert_command()` replayed as action tokens) of `sft.num_tasks` training
           questions each, in a Python loop;
@@ -37,8 +39,9 @@ from experiments import runner
 from stepjax import checks
 from stepjax import rollout as rollout_lib
 from stepjax import train
-from stepjax.envs.host import HostEnvPool
+from stepjax.envs.host import ChatEnv, HostEnvPool
 from stepjax.models.transformer import Transformer
+from stepjax.train.state import default_sharding
 from stepjax.train.loop import host_rollout_metrics
 
 
@@ -46,18 +49,33 @@ from stepjax.train.loop import host_rollout_metrics
 class HostEnvs:
   """A host environment's two splits and how to make envs over one: `make_envs(items, count)` -> `count` HostEnvs
   whose `reset(seed)` plays `items[seed % len(items)]` (items: question dicts for search_qa, game paths for
-  textworld)."""
+  textworld). chat: the config's chat format (`stepjax.chat.ChatFormat`), None for "none"; with one, every env
+  `make_envs` returns is a `ChatEnv` whose observations are its turns."""
 
   name: str
   train_items: tuple
   eval_items: tuple
   make_envs: Callable[[Sequence[Any], int], list]
-
+  chat: Any = None
 
 
 def host_envs(config, tokenizer) -> HostEnvs:
   """The host environment of a (resolved) config; a bad field is one ValueError line naming it."""
-  return _search_qa(config, tokenizer) if config.env.name == "search_qa" else _textworld(config)
+  host = _search_qa(config, tokenizer) if config.env.name == "search_qa" else _textworld(config)
+  chat = runner.chat_format(config, tokenizer)
+  if chat is None:
+    return host
+  max_obs_len = config.rollout.max_obs_len
+  if max_obs_len <= chat.overhead:
+    checks.fail("rollout.max_obs_len", f"{max_obs_len} cannot hold an observation with the chat template's "
+                f"{chat.overhead} ids around it (turn headers and ends, the system turn); use more than "
+                f"{chat.overhead} plus the longest observation")
+  make_envs = host.make_envs
+
+  def make_chat_envs(items, count):
+    return [ChatEnv(env, chat, tokenizer) for env in make_envs(items, count)]
+
+  return dataclasses.replace(host, make_envs=make_chat_envs, chat=chat)
 
 
 def split(items: list, ids: list[str], fraction: float, what: str) -> tuple[tuple, tuple]:
@@ -242,7 +260,9 @@ def run(setup: runner.Setup, workdir: str, *, resume: bool, sft_params: Any, pri
     f.write(config.to_json(indent=1))
   programs = _programs(setup)
   keys = {seed: jax.random.fold_in(jax.random.key(seed), 1) for seed in seeds}
-  eval_key = jax.random.key(t.eval_seed)
+  # On the state's device, like the training rollout's key (split off the state's): the sampled evaluation then
+  # reuses the training rollout's compiled sampler instead of compiling its own for an uncommitted key.
+  eval_key = jax.device_put(jax.random.key(t.eval_seed), default_sharding())
 
   if resume:
     done = {seed: int(extras[seed]["iteration"]) for seed in seeds}

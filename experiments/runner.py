@@ -37,6 +37,7 @@ import numpy as np
 
 from experiments import report
 from experiments.configs import presets
+from stepjax import chat as chat_lib
 from stepjax import checks
 from stepjax import credit as credit_lib
 from stepjax import losses
@@ -46,7 +47,7 @@ from stepjax.envs import grid_nav, lookup_qa, textworld_lite
 from stepjax.models import hf
 from stepjax.models.transformer import PRESETS, ModelConfig, get_config
 from stepjax.models.value import ValueConfig
-from stepjax.tokenizers import BYTE_SPEC, ByteTokenizer, WordTokenizer, load_tokenizer
+from stepjax.tokenizers import BYTE_SPEC, TOKENIZER_FILE_NAME, ByteTokenizer, WordTokenizer, load_tokenizer
 
 JAX_ENVS = ("lookup_qa", "textworld_lite", "grid_nav")
 HOST_ENVS = ("search_qa", "textworld")
@@ -85,11 +86,84 @@ class Setup:
 THINK_TOKENS = ("<think>", "</think>")
 
 
+ROLES = ("end_of_step", "end_of_episode", "pad")
+
+
+def _check_chat(config) -> None:
+  """chat.template is known; with "none" no other chat field is set; a template needs a host environment."""
+  c = config.chat
+  checks.check_choice(c.template, "chat.template", chat_lib.TEMPLATE_NAMES)
+  if c.template == chat_lib.NONE:
+    for field in chat_lib.TOKEN_FIELDS + ("system",):
+      if c[field]:
+        checks.fail(f"chat.{field}", f"{c[field]!r} is set but chat.template is 'none'; choose a template "
+                    f"({', '.join(chat_lib.TEMPLATES)}) or leave it unset")
+  elif config.env.name not in HOST_ENVS:
+    checks.fail("chat.template", f"{c.template!r} applies to host environments ({', '.join(HOST_ENVS)}); "
+                f"{config.env.name} builds its observations inside JAX: use 'none'")
+
+
+def _role_token_names(config) -> dict[str, tuple[str | None, str]]:
+  """role -> (token name or None, the config field it comes from): special_tokens.<role>, else with a chat template
+  its turn end for end_of_step (always: every action ends with it) and its end-of-episode token for end_of_episode
+  and pad. None leaves the role to the tokenizer's default."""
+  s, c = config.special_tokens, config.chat
+  for role in ROLES:
+    if s[role] is not None and (not isinstance(s[role], str) or not s[role]):
+      checks.fail(f"special_tokens.{role}", f"must be a token name or None, got {s[role]!r}")
+  names = {role: (s[role], f"special_tokens.{role}") for role in ROLES}
+  if c.template == chat_lib.NONE:
+    return names
+  with checks.section("chat"):
+    turn_end = chat_lib.template_token_names(c.template, turn_end=c.turn_end)["turn_end"]
+  if s.end_of_step is not None and s.end_of_step != turn_end:
+    checks.fail("special_tokens.end_of_step", f"{s.end_of_step!r} is not the chat's turn end {turn_end!r}: every "
+                "action ends with the turn end, which is then the end-of-step token; leave it None (or set "
+                "chat.turn_end)")
+  names["end_of_step"] = (turn_end, "chat.turn_end" if c.turn_end else "chat.template")
+  if s.end_of_episode is None:
+    names["end_of_episode"] = (chat_lib.TEMPLATES[c.template].end_of_episode, "chat.template")
+  if s.pad is None:
+    names["pad"] = names["end_of_episode"]
+  return names
+
+
+def _check_role_tokens(spec: str, names: dict[str, tuple[str | None, str]], template: str) -> None:
+  """Every named role token is a token of the tokenizer.json `spec`, and end of step and end of episode differ."""
+  path = os.path.join(spec, TOKENIZER_FILE_NAME) if os.path.isdir(spec) else spec
+  if not os.path.isfile(path):
+    return  # load_tokenizer names the missing file
+  from tokenizers import Tokenizer as LibraryTokenizer  # noqa: PLC0415 (only for a tokenizer.json)
+
+  vocabulary = LibraryTokenizer.from_file(path)
+  for role, (name, field) in names.items():
+    if name is None or vocabulary.token_to_id(name) is not None:
+      continue
+    if field == "chat.template":
+      checks.fail(field, f"{template!r} takes {name!r} as the {role} token, which {path} lacks; set "
+                  f"{'chat.turn_end' if role == 'end_of_step' else 'special_tokens.' + role} to one of its tokens")
+    checks.fail(field, f"{name!r} is not a token of {path}; name one of its tokens")
+  (step, _), (episode, episode_field) = names["end_of_step"], names["end_of_episode"]
+  if step is not None and step == episode:
+    checks.fail(episode_field, f"{episode!r} is the end-of-step token too; the episode's end must be another token")
+
+
 def _tokenizer(config):
   """The tokenizer named by config.tokenizer; the think step format adds its two special tokens to byte and word
-  tokenizers (a tokenizer.json must already have them)."""
+  tokenizers (a tokenizer.json must already have them). A tokenizer.json's reserved roles come from special_tokens
+  and the chat template (`_role_token_names`)."""
   spec, env_name = config.tokenizer, config.env.name
   extra = THINK_TOKENS if config.env.step_format == "think" else ()
+  _check_chat(config)
+  names = _role_token_names(config)
+  if spec in ("word", BYTE_SPEC):
+    if config.chat.template != chat_lib.NONE:
+      checks.fail("chat.template", f"{config.chat.template!r} needs a tokenizer.json that holds its tokens; "
+                  f"config.tokenizer is {spec!r}")
+    for name, field in names.values():
+      if name is not None:
+        checks.fail(field, f"{name!r}: the {spec!r} tokenizer's reserved tokens are fixed; map them only for a "
+                    f"tokenizer.json")
   if spec == "word":
     if env_name != "lookup_qa":
       checks.fail("tokenizer", f"'word' needs an environment with a word vocabulary (lookup_qa), not {env_name!r}; "
@@ -99,7 +173,22 @@ def _tokenizer(config):
     return ByteTokenizer(extra_special_tokens=extra)
   if not isinstance(spec, str) or not os.path.exists(spec):
     checks.fail("tokenizer", f"{spec!r} is not allowed; use 'byte', 'word' or an existing tokenizer.json path")
-  return load_tokenizer(spec)
+  mapped = {role: name for role, (name, _) in names.items() if name is not None}
+  if mapped:
+    _check_role_tokens(spec, names, config.chat.template)
+  with checks.section("tokenizer"):
+    return load_tokenizer(spec, **mapped)
+
+
+def chat_format(config, tokenizer) -> chat_lib.ChatFormat | None:
+  """The chat format of config.chat over `tokenizer` (None for "none"); a bad field is one line naming it."""
+  c = config.chat
+  _check_chat(config)
+  if c.template == chat_lib.NONE:
+    return None
+  with checks.section("chat"):
+    return chat_lib.make_chat_format(tokenizer, c.template, system=c.system,
+                                     **{field: c[field] for field in chat_lib.TOKEN_FIELDS})
 
 
 def _jax_env(config, tokenizer):
@@ -107,7 +196,8 @@ def _jax_env(config, tokenizer):
   with checks.section("env"):
     if e.name == "lookup_qa":
       env = lookup_qa.LookupQA(tokenizer, num_entities=e.num_entities, max_hops=e.max_hops,
-                               max_action_len=r.max_action_len, step_format=e.step_format)
+                               max_action_len=r.max_action_len, step_format=e.step_format,
+                               think_wording=e.think_wording)
       if not 1 <= e.hops <= e.max_hops:
         checks.fail("hops", f"must be in [1, env.max_hops={e.max_hops}], got {e.hops!r}")
       params = env.default_params().replace(hops=e.hops, max_steps=r.max_steps, invalid_penalty=e.invalid_penalty)
@@ -299,9 +389,10 @@ def _setup_key(setup: Setup, *extra) -> tuple:
   """What a compiled program depends on: equal configs (a grid's repeated runs, a resume) reuse one compilation
   instead of tracing new closures. The environment enters through its config section and the tokenizer."""
   c = setup.config
-  return (str(c.env), str(c.tokenizer), setup.model_config, setup.rollout_config, setup.update_config,
-          setup.optim_config, setup.sft_optim_config, setup.sft_rollout_config, c.train.eval_every,
-          c.train.eval_episodes, c.train.task_pool, c.train.task_pool_seed, *extra)
+  return (str(c.env), str(c.tokenizer), str(c.special_tokens), str(c.chat), setup.model_config,
+          setup.rollout_config, setup.update_config, setup.optim_config, setup.sft_optim_config,
+          setup.sft_rollout_config, c.train.eval_every, c.train.eval_episodes, c.train.task_pool,
+          c.train.task_pool_seed, *extra)
 
 
 def _programs(setup: Setup, per_seed_params: bool) -> dict[str, Callable]:

@@ -12,6 +12,13 @@ Host environments take their data besides the name (the seeds then run one after
   python experiments/train.py --config=experiments/configs/grpo.py --config.env.name=textworld \
       --config.env.games=data/tw_games --workdir=runs/grpo_textworld
 
+A Hugging Face checkpoint in its chat format, then exported back (BUILD.md, "Your own checkpoint and data"):
+
+  python experiments/train.py --config=experiments/configs/grpo.py --config.env.name=search_qa \
+      --config.env.data=data/hotpot_dev_distractor_v1.json --config.model.checkpoint=$CKPT \
+      --config.tokenizer=$CKPT/tokenizer.json --config.chat.template=chatml --workdir=runs/qwen_search_qa
+  python experiments/export_hf.py --workdir=runs/qwen_search_qa --seed=0 --out=exports/qwen_search_qa
+
 Writes metrics.jsonl, eval.jsonl, sft.jsonl, TensorBoard files (tb/), orbax checkpoints (checkpoints/) and config.json
 to --workdir, shows a progress bar and prints the held-out summary table at the end.
 """

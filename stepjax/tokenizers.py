@@ -11,7 +11,7 @@ their text into ids once — `encode_fragments` at construction time for pure-JA
 observation for host environments — and `pad_batch` lays ragged id lists out as fixed-shape arrays.
 
 Host-side only: this module imports numpy and, lazily, the optional `tokenizers` library; never jax.
-Chat templates are out of scope.
+Chat templates (a chat model's turns around observations, as ids) are `stepjax.chat`'s.
 """
 
 from __future__ import annotations

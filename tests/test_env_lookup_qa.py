@@ -27,12 +27,14 @@ TOKENIZER = ByteTokenizer()
 THINK_TOKENIZER = ByteTokenizer(extra_special_tokens=("<think>", "</think>"))
 ENV = LookupQA(TOKENIZER)
 THINK_ENV = LookupQA(THINK_TOKENIZER, step_format="think")
+FACT_ENV = LookupQA(THINK_TOKENIZER, step_format="think", think_wording="fact")
 NAMES = ENV.entity_names
 A = ENV.max_action_len
 
 
 ROLLOUT = make_env_runner(ENV, NUM_STEPS)
 THINK_ROLLOUT = make_env_runner(THINK_ENV, NUM_STEPS)
+FACT_ROLLOUT = make_env_runner(FACT_ENV, 4)
 STEP = jax.jit(ENV.step)
 KEYS = jax.random.split(jax.random.PRNGKey(0), NUM_EPISODES)
 
@@ -232,19 +234,23 @@ def test_random_token_actions_never_break_anything(tokens, length, command, whic
     assert state.done or decode(obs, obs_len) == INVALID_TEXT
 
 
-def test_think_text_carries_the_decision():
-  """The expert restates the fact it just read and names the entity its command copies (hand-built texts)."""
+@pytest.mark.parametrize("wording", ["question", "fact"])
+def test_think_text_carries_the_decision(wording):
+  """The expert restates the fact it just read and names the entity its command copies (hand-built texts), in the
+  question's word order ("the r of e is v") or the fact line's ("e has r v")."""
   hops = 3
-  run = THINK_ROLLOUT(KEYS, params(hops=hops), EXPERT)
+  run = (THINK_ROLLOUT if wording == "question" else FACT_ROLLOUT)(KEYS[:4], params(hops=hops), EXPERT)
+  assert run["success"].any(axis=1).all()
   for b in range(4):
     state, _, _ = THINK_ENV.reset(jax.random.split(KEYS[b], 3)[0], params(hops=hops))  # the runner's reset key
     chain = [NAMES[int(e)] for e in state.chain]
     relation = [RELATIONS[int(r)] for r in state.path]
+    fact = ((lambda i: f"the {relation[i - 1]} of {chain[i - 1]} is {chain[i]}") if wording == "question" else
+            (lambda i: f"{chain[i - 1]} has {relation[i - 1]} {chain[i]}"))
     expected = [f"<think>find the {relation[0]} of {chain[0]} first</think>search {chain[0]}"]
-    expected += [f"<think>the {relation[i - 1]} of {chain[i - 1]} is {chain[i]}; next the {relation[i]} of {chain[i]}"
-                 f"</think>search {chain[i]}" for i in range(1, hops)]
-    expected += [f"<think>the {relation[hops - 1]} of {chain[hops - 1]} is {chain[hops]}; the answer is "
-                 f"{chain[hops]}</think>answer {chain[hops]}"]
+    expected += [f"<think>{fact(i)}; next the {relation[i]} of {chain[i]}</think>search {chain[i]}"
+                 for i in range(1, hops)]
+    expected += [f"<think>{fact(hops)}; the answer is {chain[hops]}</think>answer {chain[hops]}"]
     for t, text in enumerate(expected):
       tokens = np.asarray(run["action"][b, t, :run["action_len"][b, t]])
       assert THINK_TOKENIZER.decode(tokens[:-1]) == text and tokens[-1] == THINK_TOKENIZER.end_of_step_id
@@ -286,6 +292,8 @@ def test_constructor_validates_settings():
     LookupQA(TOKENIZER, step_format="json")
   with pytest.raises(ValueError, match="think"):
     LookupQA(TOKENIZER, step_format="think")  # No <think> special tokens in this tokenizer.
+  with pytest.raises(ValueError, match="think_wording"):
+    LookupQA(THINK_TOKENIZER, step_format="think", think_wording="fact_line")
   with pytest.raises(ValueError, match="num_entities"):
     LookupQA(TOKENIZER, num_entities=4, max_hops=4)
   with pytest.raises(ValueError, match="max_action_len"):

@@ -46,6 +46,8 @@ def get_config() -> ml_collections.ConfigDict:
       # lookup_qa: difficulty, pool size and the largest hop count the buffers are sized for.
       hops=config_dict.placeholder(int), max_hops=config_dict.placeholder(int),
       num_entities=config_dict.placeholder(int),
+      # lookup_qa's think spans: "question" ("the r of e is v") or "fact" ("e has r v", the fact line's order).
+      think_wording=config_dict.placeholder(str),
       num_rooms=config_dict.placeholder(int),  # textworld_lite
       size=config_dict.placeholder(int),  # grid_nav: the side of the grid
       invalid_penalty=0.0,
@@ -65,6 +67,23 @@ def get_config() -> ml_collections.ConfigDict:
   # "byte", "word" (the environment's vocabulary as whole-word tokens, bytes for the rest), or a tokenizer.json
   # path; the think format adds <think> / </think> to byte and word tokenizers. None: the environment's preset.
   c.tokenizer = config_dict.placeholder(str)
+  # A tokenizer.json's tokens for stepjax's three reserved roles, by name (e.g. end_of_step="<|im_end|>"). None: the
+  # chat template's choice (below), else the stepjax default (<|end_of_step|>, <|end_of_episode|>, <|pad|>), added
+  # to the vocabulary when absent (a checkpoint's embedding must then have room for it).
+  c.special_tokens = ml_collections.ConfigDict(dict(
+      end_of_step=config_dict.placeholder(str), end_of_episode=config_dict.placeholder(str),
+      pad=config_dict.placeholder(str),
+  ))
+  # Host environments in a chat model's format (stepjax/chat.py): "none" (observations and actions as they are),
+  # "chatml" (Qwen2.5, Qwen3) or "llama3". Each observation becomes a user turn plus the assistant header, each
+  # action ends with the turn-end token (then the end-of-step token; the end-of-episode and pad tokens default to
+  # the template's <|endoftext|> / <|end_of_text|>), `system` is an optional system message first. The template's
+  # tokens are looked up by name in the tokenizer; None takes the template's, "" drops begin / header_end.
+  c.chat = ml_collections.ConfigDict(dict(
+      template="none", system="",
+      begin=config_dict.placeholder(str), turn_start=config_dict.placeholder(str),
+      header_end=config_dict.placeholder(str), turn_end=config_dict.placeholder(str),
+  ))
 
   # Model: a preset with overrides, or a Hugging Face checkpoint directory (safetensors) in `checkpoint`.
   c.model = ml_collections.ConfigDict(dict(

@@ -12,6 +12,8 @@ environments read the text; token environments (`JaxEnvAsHost`) read the ids. Ob
 loop encodes once with the run's tokenizer, or int32 token ids, which it uses as they are (token-space consistency,
 see docs/design.md).
 
+`ChatEnv` wraps a host environment so that its observations come as a chat model's turns (`stepjax.chat`), as ids.
+
 `HostEnvPool` steps many independent environments concurrently on threads: host environments spend their time in
 native code (interpreters, XLA, sockets) that releases the GIL, so threads overlap the waits without pickling
 anything across processes. A fault in one environment never takes down the batch: its step becomes a truncation
@@ -137,6 +139,54 @@ class HostEnvPool:
       close = getattr(env, "close", None)
       if callable(close):
         close()
+
+
+class ChatEnv:
+  """A host env whose observations come as turns of a chat format (`stepjax.chat.ChatFormat`): int32 ids, the
+  observation (text encoded once with `tokenizer`, or ids as given) wrapped as a user turn followed by the assistant
+  header, the first one of an episode after the format's begin token and system turn.
+
+  The actions are the inner env's as they are (the host loop decodes them without special tokens, so the turn-end
+  token never reaches the env's text). Every observation goes through here, the expert's episodes (SFT) and the
+  model's (RL, evaluation) alike, so both see the same token layout. An exception in the inner env's `step` becomes
+  `error_step` here, wrapped like any observation. `expert_command`, `close` and any other attribute are the inner
+  env's.
+  """
+
+  def __init__(self, env: HostEnv, chat: Any, tokenizer: Any):
+    self.env = env
+    self.chat = chat
+    self.tokenizer = tokenizer
+
+  def _ids(self, observation: Observation) -> np.ndarray:
+    if isinstance(observation, str):
+      return np.asarray(self.tokenizer.encode(observation), np.int32)
+    return np.asarray(observation, np.int32).reshape(-1)
+
+  def reset(self, seed: int) -> np.ndarray:
+    return self.chat.wrap(self._ids(self.env.reset(seed)), first=True)
+
+  def step(self, action_text: str, action_tokens: np.ndarray) -> HostStep:
+    try:
+      step = self.env.step(action_text, action_tokens)
+    except Exception as error:  # pylint: disable=broad-except  -- as HostEnvPool does, but wrapped like the rest
+      logger.warning("host env raised in step; its episode ends as truncated", exc_info=True)
+      step = error_step(error)
+    return dataclasses.replace(step, observation=self.chat.wrap(self._ids(step.observation), first=False))
+
+  def expert_command(self) -> str | None:
+    return self.env.expert_command()
+
+  def close(self) -> None:
+    close = getattr(self.env, "close", None)
+    if callable(close):
+      close()
+
+  def __getattr__(self, name: str) -> Any:
+    # Only reached for attributes this wrapper lacks; "env" itself is excluded so a half-built copy cannot recurse.
+    if name == "env":
+      raise AttributeError(name)
+    return getattr(self.env, name)
 
 
 def _reset_episode(env: Environment, key, params):

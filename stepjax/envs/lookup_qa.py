@@ -55,6 +55,7 @@ ENTITY_NAMES = (
 )
 RELATIONS = ("mentor", "city", "rival", "author")
 STEP_FORMATS = ("plain", "think")
+THINK_WORDINGS = ("question", "fact")
 SUCCESS_REWARD = 1.0
 
 INTRO_TEXT = "Answer with: search <name>, answer <name>.\n"
@@ -64,7 +65,12 @@ INVALID_TEXT = "Invalid action. Use: search <name> or answer <name>.\n> "
 #   middle steps: <think>the mentor of Zorva is Kalin; next the city of Kalin</think>search Kalin
 #   answer:       <think>the city of Kalin is Jorn; the answer is Jorn</think>answer Jorn
 # so the think text is part of the skill (it restates the fact to follow and names the entity the command copies).
-THINK_TEXTS = ("<think>", "</think>", "find the ", " first", "the ", " is ", "; next the ", "; the answer is ")
+# That is think_wording="question": the fact in the question's word order. think_wording="fact" restates it in the
+# order of the fact line just read, so the entity follows its relation word as it does there:
+#   middle steps: <think>Zorva has mentor Kalin; next the city of Kalin</think>search Kalin
+#   answer:       <think>Kalin has city Jorn; the answer is Jorn</think>answer Jorn
+THINK_TEXTS = ("<think>", "</think>", "find the ", " first", "the ", " is ", "; next the ", "; the answer is ",
+               " has ")
 
 
 def vocabulary() -> tuple[str, ...]:
@@ -109,14 +115,18 @@ class LookupQA(Environment):
 
   Static settings: `num_entities` (pool size, 2 verbs x pool = the command table), `max_hops`, `max_obs_len`
   (default: the worst case; a larger value pads, a smaller one is a ValueError), `max_action_len` (default 24
-  plain, 64 think), `step_format` ("plain", or "think": `<think>...</think>` then exactly one command).
+  plain, 64 think), `step_format` ("plain", or "think": `<think>...</think>` then exactly one command),
+  `think_wording` (how the expert's think span restates the fact just read: "question", "the r of e is v", or
+  "fact", "e has r v", the fact line's order; see THINK_TEXTS).
   """
 
   name = "lookup_qa"
 
   def __init__(self, tokenizer: Tokenizer, *, num_entities: int = 32, max_hops: int = 4,
-               max_obs_len: int | None = None, max_action_len: int | None = None, step_format: str = "plain"):
+               max_obs_len: int | None = None, max_action_len: int | None = None, step_format: str = "plain",
+               think_wording: str = "question"):
     check_choice(step_format, "step_format", STEP_FORMATS)
+    check_choice(think_wording, "think_wording", THINK_WORDINGS)
     check_int(max_hops, "max_hops", 1)
     if not max_hops + 1 <= check_int(num_entities, "num_entities") <= len(ENTITY_NAMES):
       fail("num_entities", f"expected max_hops + 1 = {max_hops + 1} ... {len(ENTITY_NAMES)}, got {num_entities}")
@@ -124,6 +134,7 @@ class LookupQA(Environment):
     self.num_entities = num_entities
     self.max_hops = max_hops
     self.step_format = step_format
+    self.think_wording = think_wording
     self.entity_names = ENTITY_NAMES[:num_entities]
     names = self.entity_names
     # Command c: search entity c for c < N, answer entity c - N otherwise.
@@ -222,7 +233,10 @@ class LookupQA(Environment):
     previous is name; the answer is name"). Arguments are fragment indices (ints, or traced int32)."""
     t = self._think
     first = [t["<think>"], t["find the "], first_relation, self._of, first_name, t[" first"], t["</think>"]]
-    fact = [t["<think>"], t["the "], relation, self._of, previous_name, t[" is "], name]
+    if self.think_wording == "question":
+      fact = [t["<think>"], t["the "], relation, self._of, previous_name, t[" is "], name]
+    else:
+      fact = [t["<think>"], previous_name, t[" has "], relation, self._space, name]
     middle = fact + [t["; next the "], next_relation, self._of, name, t["</think>"]]
     answer = fact + [t["; the answer is "], name, t["</think>"]]
     return first, middle, answer
