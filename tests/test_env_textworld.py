@@ -226,3 +226,27 @@ def test_garbage_commands_never_reach_the_interpreter_raw(game_file):
   assert tw.normalise_command("  go\teast\n\\q \x07") == "go east q"
   assert len(tw.normalise_command("x" * 500)) == tw.MAX_COMMAND_CHARS
   env.close()
+
+
+def test_one_command_per_step_keeps_textworld_tracking_in_sync(game_file, game_data):
+  """Inform runs "a. b" / "a then b" as several commands in one turn; TextWorld's tracking then read the first one's
+  score only (a chained walkthrough won with score 0) and a meta command after the separator reached the game."""
+  assert tw.normalise_command("go east. quit") == "go east"
+  assert tw.normalise_command("look THEN take key") == tw.normalise_command("look then") == "look"
+  assert tw.normalise_command("go south.") == "go south" and tw.normalise_command(". go south") == ""
+  assert tw.normalise_command("go souththen athens, then x") == "go souththen athens,"
+  walkthrough = game_data["metadata"]["walkthrough"]
+  assert all(tw.normalise_command(command) == command for command in walkthrough)
+  env = tw.TextWorldEnv(game_file, max_steps=10)
+  env.reset(0)
+  steps = [env.step(". ".join(walkthrough), NO_TOKENS)]  # only the first command is played
+  assert not steps[0].terminated and not steps[0].info["success"]
+  while (command := env.expert_command()) is not None and len(steps) < 10:
+    steps.append(env.step(command, NO_TOKENS))
+  assert len(steps) == len(walkthrough) and steps[-1].terminated and steps[-1].info["success"]
+  assert sum(s.reward for s in steps) == steps[-1].info["score"] == steps[-1].info["max_score"] >= 1
+  env.reset(0)
+  assert "<" not in env.step("look. quit", NO_TOKENS).observation  # quit never reached the interpreter
+  steps = [env.step(command, NO_TOKENS) for command in walkthrough]
+  assert steps[-1].info["success"] and sum(s.reward for s in steps) == steps[-1].info["max_score"] >= 1
+  env.close()

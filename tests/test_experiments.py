@@ -197,5 +197,5 @@ def test_model_from_a_hugging_face_checkpoint(tmp_path):
   small_vocab = setup.model_config.replace(vocab_size=256)
   hf.save_hf_checkpoint(small_vocab, transformer.init_params(small_vocab, jax.random.key(0)), str(tmp_path / "v"))
   config.model.checkpoint = str(tmp_path / "v")
-  with pytest.raises(ValueError, match=r"^model\.checkpoint: vocab_size 256 does not cover the tokenizer's 337 ids"):
+  with pytest.raises(ValueError, match=r"^model\.checkpoint: vocab_size 256 does not cover the tokenizer's 338 ids"):
     runner.build(config)

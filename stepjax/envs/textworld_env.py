@@ -21,10 +21,14 @@ requested) and the cue "> ". Example first observation:
     >
 
 Actions: `step` receives the decoded text of the model's tokens without special tokens (the loop decodes with
-`skip_special=True`); the env only collapses whitespace, so one step is one command line. Interpreter meta commands
-(quit, restart, save, restore, undo, TextWorld's `tw-...` debug commands, ...) are refused without reaching the
-game: they would leave the interpreter waiting for a yes/no answer, reveal hidden state or desynchronise TextWorld's
-quest tracking. They count as a step with the feedback "That's not a verb I recognise." and parsed=False.
+`skip_special=True`); the env collapses whitespace and keeps the line's first command only, so one step is one
+command. Inform runs "a. b" and "a then b" as several commands in one turn, which TextWorld's state tracking misreads
+(it reads the score of the first one: a game won by "go south. take key. unlock box with key" scored 0, and the
+expert's and the admissible commands went stale), and a meta command after the separator ("look. quit") would reach
+the interpreter. Interpreter meta commands (quit, restart, save, restore, undo, TextWorld's `tw-...` debug commands,
+...) are refused without reaching the game: they would leave the interpreter waiting for a yes/no answer, reveal
+hidden state or desynchronise TextWorld's quest tracking. They count as a step with the feedback "That's not a verb I
+recognise." and parsed=False.
 
 "parsed" heuristic: an action is parsed unless the game's answer starts with one of Inform 7's parser errors
 (`PARSER_ERRORS`: "That's not a verb I recognise.", "I didn't understand ...", "You can't see any such thing.",
@@ -159,16 +163,23 @@ def is_parser_error(feedback: str) -> bool:
 MAX_COMMAND_CHARS = 120
 
 
+# Where Inform's parser starts the next command of a line: a full stop, or the word "then" (any case; the Z-machine
+# splits words at spaces and at its separators . , and ").
+_NEXT_COMMAND = re.compile(r'\.|(?<![^\s,"])then(?![^\s.,"])', re.IGNORECASE)
+
+
 def normalise_command(action_text: str) -> str:
-  """One command line the interpreter can take: printable ASCII only, whitespace (newlines included) collapsed to
-  single spaces, ends stripped, at most MAX_COMMAND_CHARS characters.
+  """One command the interpreter can take: printable ASCII only, cut before the line's second command (a full stop
+  or the word "then": see the module docstring), whitespace (newlines included) collapsed to single spaces, ends
+  stripped, at most MAX_COMMAND_CHARS characters.
 
   The Z-machine reads ASCII commands into a small buffer, and Jericho's interpreter crashes the whole process on some
   non-ASCII / control-character input (an untrained model's actions are exactly that), so nothing else reaches it.
   """
   # Backslash starts a dumb-frotz interpreter command ("\\q"...), never a game command.
   printable = "".join(ch if " " <= ch <= "~" and ch != "\\" else " " for ch in action_text)
-  return " ".join(printable.split())[:MAX_COMMAND_CHARS].strip()
+  first = _NEXT_COMMAND.split(printable, maxsplit=1)[0]
+  return " ".join(first.split())[:MAX_COMMAND_CHARS].strip()
 
 
 def is_meta_command(command: str) -> bool:
@@ -236,7 +247,7 @@ class TextWorldEnv:
     return self._observation(clean_feedback(self._game_state.feedback))
 
   def step(self, action_text: str, action_tokens: np.ndarray | None = None) -> HostStep:
-    """Sends `action_text` (no special tokens; whitespace is normalised) as one command. `action_tokens` unused."""
+    """Sends the first command of `action_text` (no special tokens; `normalise_command`). `action_tokens` unused."""
     del action_tokens  # a text environment reads text
     if self._game_state is None:
       raise RuntimeError("TextWorldEnv.step called before reset")
