@@ -54,9 +54,10 @@ _METRIC_LABELS = {"final_success": "final greedy success", "final_success_sample
                   "auc": "AUC (greedy)", "rl_gain": "RL gain over the SFT start"}
 PAIRED_KEYS = ("method", "baseline", "seeds", "paired_seeds",
                *(f"{m}_diff_{stat}" for m in PAIRED_METRICS for stat in ("mean", "ci95", "excludes_zero")),
-               "rl_gain_mean", "rl_gain_ci95", "rl_gain_excludes_zero", "best", "best_by")
+               "rl_gain_mean", "rl_gain_ci95", "rl_gain_excludes_zero", "rl_gain_sampled_mean",
+               "rl_gain_sampled_ci95", "rl_gain_sampled_excludes_zero", "best", "best_by")
 PAIRED_HEADER = ("method", "seeds", "paired seeds", "Δ final success (greedy)", "Δ final success (sampled)",
-                 "Δ AUC (greedy)", "RL gain over SFT start (greedy)")
+                 "Δ AUC (greedy)", "RL gain over SFT start (greedy)", "RL gain over SFT start (sampled)")
 
 # Phi^-1(0.975): the limit of t_critical_95(df) as df -> infinity.
 _Z975 = 1.959963984540054
@@ -246,7 +247,8 @@ def _per_seed(group: dict[str, Any]) -> dict[str, np.ndarray]:
   success = group["success"]
   return {"final_success": success[:, -1], "final_success_sampled": group["success_sampled"][:, -1],
           "auc": np.array([area_under_curve(steps, curve) for steps, curve in zip(group["env_steps"], success)]),
-          "rl_gain": success[:, -1] - success[:, 0]}
+          "rl_gain": success[:, -1] - success[:, 0],
+          "rl_gain_sampled": group["success_sampled"][:, -1] - group["success_sampled"][:, 0]}
 
 
 def _summary_rows(groups: dict[str, dict[str, Any]]) -> list[dict]:
@@ -283,7 +285,8 @@ def paired_differences(records, baseline: str, metric: str = "final_success") ->
       per-seed difference method - baseline of m, the half-width of its 95% Student-t CI (`mean_ci`; nan for one
       shared seed) and whether that CI excludes 0 (False when nan). For the baseline row: nan, nan, False.
     rl_gain_mean, rl_gain_ci95, rl_gain_excludes_zero: the same for the method's own RL gain, final minus start
-      greedy success, over all of its seeds (paired within each run, so every method has it, the baseline too).
+      greedy success, over all of its seeds (paired within each run, so every method has it, the baseline too);
+      rl_gain_sampled_*: the same for sampled success (what the policy gradient optimizes).
     best, best_by: `best` is True on the one method with the highest mean `metric` (one of PAIRED_METRICS) over its
       own seeds (the first such on a tie); best_by is `metric`.
   Rows are in first-appearance order of the methods in `records`. A method sharing no seed with the baseline, an
@@ -318,6 +321,7 @@ def _paired_rows(groups: dict[str, dict[str, Any]], baseline: str, metric: str) 
       for m in PAIRED_METRICS:
         row.update(_mean_ci_fields(f"{m}_diff", values[m][mine] - per_seed[baseline][m][theirs]))
     row.update(_mean_ci_fields("rl_gain", values["rl_gain"]))
+    row.update(_mean_ci_fields("rl_gain_sampled", values["rl_gain_sampled"]))
     row["best"], row["best_by"] = False, metric
     rows.append(row)
   means = [values[metric].mean() for values in per_seed.values()]
@@ -363,7 +367,7 @@ def format_paired_table(rows, baseline: str) -> str:
   The baseline's row shows its seeds and RL gain, with "—" in the paired columns; "(baseline)" and "(best)" follow
   the method names they apply to.
   """
-  lines = ["| " + " | ".join(PAIRED_HEADER) + " |", "|" + "|".join([" --- "] + [" ---: "] * 6) + "|"]
+  lines = ["| " + " | ".join(PAIRED_HEADER) + " |", "|" + "|".join([" --- "] + [" ---: "] * 7) + "|"]
   for row in rows:
     is_baseline = row["method"] == baseline
     name = str(row["method"]).replace("|", r"\|") + (" (baseline)" if is_baseline else "")
@@ -375,12 +379,13 @@ def format_paired_table(rows, baseline: str) -> str:
       cells.append(str(row["paired_seeds"]))
       cells += [_signed_cell(*(row[f"{m}_diff_{stat}"] for stat in ("mean", "ci95", "excludes_zero")))
                 for m in ("final_success", "final_success_sampled", "auc")]
-    cells.append(_signed_cell(row["rl_gain_mean"], row["rl_gain_ci95"], row["rl_gain_excludes_zero"]))
+    cells += [_signed_cell(*(row[f"{gain}_{stat}"] for stat in ("mean", "ci95", "excludes_zero")))
+              for gain in ("rl_gain", "rl_gain_sampled")]
     lines.append("| " + " | ".join(cells) + " |")
   legend = (f"Δ is the mean over the seeds shared with {baseline} (same SFT start and held-out tasks) of the per-seed "
-            f"difference method − {baseline}; RL gain is final minus SFT-start greedy success over the method's own "
-            "seeds. ± is the half-width of the 95% Student-t CI of that mean, * marks a CI that excludes 0, (no CI) a "
-            f"single seed; (best) marks the highest mean {_METRIC_LABELS[rows[0]['best_by']]}.")
+            f"difference method − {baseline}; RL gain is final minus SFT-start greedy (sampled) success over the "
+            "method's own seeds. ± is the half-width of the 95% Student-t CI of that mean, * marks a CI that "
+            f"excludes 0, (no CI) a single seed; (best) marks the highest mean {_METRIC_LABELS[rows[0]['best_by']]}.")
   return "\n".join(lines) + "\n\n" + legend
 
 

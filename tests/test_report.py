@@ -329,7 +329,7 @@ def reference_metrics(record):
   x, y = np.array(record["env_steps"], dtype=float), np.array(record["success"])
   auc = sum((x[i + 1] - x[i]) * (y[i] + y[i + 1]) / 2 for i in range(len(x) - 1)) / (x[-1] - x[0])
   return {"final_success": y[-1], "final_success_sampled": record["success_sampled"][-1], "auc": auc,
-          "rl_gain": y[-1] - y[0]}
+          "rl_gain": y[-1] - y[0], "rl_gain_sampled": record["success_sampled"][-1] - record["success_sampled"][0]}
 
 
 def reference_paired_rows(records, baseline, metric="final_success"):
@@ -345,8 +345,9 @@ def reference_paired_rows(records, baseline, metric="final_success"):
         diffs = [runs[s][m] - by_method[baseline][s][m] for s in shared]
         row.update(zip([f"{m}_diff_mean", f"{m}_diff_ci95", f"{m}_diff_excludes_zero"], reference_stat(diffs)))
     row["paired_seeds"] = len(shared)
-    row.update(zip(["rl_gain_mean", "rl_gain_ci95", "rl_gain_excludes_zero"],
-                   reference_stat([v["rl_gain"] for v in runs.values()])))
+    for gain in ("rl_gain", "rl_gain_sampled"):
+      row.update(zip([f"{gain}_mean", f"{gain}_ci95", f"{gain}_excludes_zero"],
+                     reference_stat([v[gain] for v in runs.values()])))
     row["metric_mean"] = np.mean([v[metric] for v in runs.values()])
     rows[method] = row
   return rows
@@ -375,9 +376,10 @@ def test_paired_differences_match_numpy_reference():
       for m in report.PAIRED_METRICS:
         assert row[f"{m}_diff_excludes_zero"] is e[f"{m}_diff_excludes_zero"], m
         flags.append(row[f"{m}_diff_excludes_zero"])
-    for key in ("rl_gain_mean", "rl_gain_ci95"):
-      assert row[key] == pytest.approx(e[key], rel=1e-9), key
-    assert row["rl_gain_excludes_zero"] is e["rl_gain_excludes_zero"]
+    for gain in ("rl_gain", "rl_gain_sampled"):
+      for key in (f"{gain}_mean", f"{gain}_ci95"):
+        assert row[key] == pytest.approx(e[key], rel=1e-9), key
+      assert row[f"{gain}_excludes_zero"] is e[f"{gain}_excludes_zero"]
   assert True in flags and False in flags  # the data exercise both verdicts
   best = max(expected, key=lambda m: expected[m]["metric_mean"])
   assert [row["method"] for row in rows if row["best"]] == [best] == ["stepppo"]
@@ -424,7 +426,8 @@ def test_paired_differences_single_shared_seed_has_nan_ci():
   assert not math.isnan(grpo["rl_gain_ci95"])  # the gain uses both of grpo's own seeds
   line = next(line for line in report.format_paired_table(rows, "ppo").split("\n") if line.startswith("| grpo"))
   cells = [f"{grpo[f'{m}_diff_mean']:+.3f} (no CI)" for m in ("final_success", "final_success_sampled", "auc")]
-  assert line.endswith(" | 2 | 1 | " + " | ".join(cells + [expected_cell(grpo, "rl_gain")]) + " |")
+  gains = [expected_cell(grpo, "rl_gain"), expected_cell(grpo, "rl_gain_sampled")]
+  assert line.endswith(" | 2 | 1 | " + " | ".join(cells + gains) + " |")
 
 
 def test_paired_differences_rejects_bad_input():
@@ -446,7 +449,8 @@ def test_paired_differences_rejects_bad_input():
 PAIRED_ROW = {"method": "x", "baseline": "base", "seeds": 5, "paired_seeds": 4, "best": False, "best_by": "auc",
               **{f"{m}_diff_{stat}": v for m in report.PAIRED_METRICS
                  for stat, v in (("mean", 0.0), ("ci95", 0.0), ("excludes_zero", False))},
-              "rl_gain_mean": 0.0, "rl_gain_ci95": 0.0, "rl_gain_excludes_zero": False}
+              "rl_gain_mean": 0.0, "rl_gain_ci95": 0.0, "rl_gain_excludes_zero": False,
+              "rl_gain_sampled_mean": 0.0, "rl_gain_sampled_ci95": 0.0, "rl_gain_sampled_excludes_zero": False}
 
 
 def test_format_paired_table():
@@ -454,7 +458,8 @@ def test_format_paired_table():
   no_diffs = {f"{m}_diff_{stat}": nan for m in report.PAIRED_METRICS for stat in ("mean", "ci95")}
   rows = [
       {**PAIRED_ROW, "method": "base", "paired_seeds": 5, "rl_gain_mean": 0.1234, "rl_gain_ci95": 0.05,
-       "rl_gain_excludes_zero": True, **no_diffs},
+       "rl_gain_excludes_zero": True, "rl_gain_sampled_mean": 0.2, "rl_gain_sampled_ci95": 0.01,
+       "rl_gain_sampled_excludes_zero": True, **no_diffs},
       {**PAIRED_ROW, "method": "a|b", "best": True, "final_success_diff_mean": 0.2, "final_success_diff_ci95": 0.05,
        "final_success_diff_excludes_zero": True, "final_success_sampled_diff_mean": -0.01,
        "final_success_sampled_diff_ci95": 0.1, "auc_diff_mean": -0.3, "auc_diff_ci95": 0.1,
@@ -465,12 +470,13 @@ def test_format_paired_table():
   table, legend = report.format_paired_table(rows, "base").split("\n\n")
   lines = table.split("\n")
   assert lines[0] == ("| method | seeds | paired seeds | Δ final success (greedy) | Δ final success (sampled) "
-                      "| Δ AUC (greedy) | RL gain over SFT start (greedy) |")
-  assert lines[1] == "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
-  assert lines[2] == "| base (baseline) | 5 | — | — | — | — | +0.123 ± 0.050 * |"
+                      "| Δ AUC (greedy) | RL gain over SFT start (greedy) | RL gain over SFT start (sampled) |")
+  assert lines[1] == "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+  assert lines[2] == "| base (baseline) | 5 | — | — | — | — | +0.123 ± 0.050 * | +0.200 ± 0.010 * |"
   assert lines[3] == (r"| a\|b (best) | 5 | 4 | +0.200 ± 0.050 * | -0.010 ± 0.100 | -0.300 ± 0.100 * "
-                      "| +0.050 ± 0.060 |")
-  assert lines[4] == "| one | 1 | 1 | +0.100 (no CI) | +0.000 ± 0.000 | +0.000 ± 0.000 | +0.100 (no CI) |"
+                      "| +0.050 ± 0.060 | +0.000 ± 0.000 |")
+  assert lines[4] == ("| one | 1 | 1 | +0.100 (no CI) | +0.000 ± 0.000 | +0.000 ± 0.000 | +0.100 (no CI) "
+                      "| +0.000 ± 0.000 |")
   assert len(lines) == 5 and "\n" not in legend
   assert legend.startswith("Δ is the mean over the seeds shared with base ")
   assert "* marks a CI that excludes 0" in legend and "(no CI) a single seed" in legend
@@ -485,7 +491,7 @@ def test_format_paired_table_marks_excluded_zero_from_reference():
     cells = [c.strip() for c in line.strip("|").split("|")]
     method = cells[0].split(" ")[0]
     e = expected[method]
-    assert cells[-1] == expected_cell(e, "rl_gain")
+    assert cells[-2:] == [expected_cell(e, "rl_gain"), expected_cell(e, "rl_gain_sampled")]
     if method != "ppo":
       for cell, m in zip(cells[3:6], ("final_success", "final_success_sampled", "auc")):
         assert cell == expected_cell(e, f"{m}_diff"), (method, m)
@@ -514,6 +520,7 @@ def test_write_results_with_baseline(tmp_path):
     assert row["best"] == str(row["method"] == "stepppo") and row["best_by"] == "final_success"
     assert float(row["rl_gain_ci95"]) == pytest.approx(e["rl_gain_ci95"], abs=1e-4)
     assert row["rl_gain_excludes_zero"] == str(e["rl_gain_excludes_zero"])
+    assert float(row["rl_gain_sampled_mean"]) == pytest.approx(e["rl_gain_sampled_mean"], abs=1e-4)
     if row["method"] == "ppo":
       assert row["auc_diff_mean"] == "nan" and row["auc_diff_excludes_zero"] == "False"
     else:
