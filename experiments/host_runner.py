@@ -17,6 +17,8 @@ objects behind `envs.host.HostEnv`, stepped on threads by a `HostEnvPool`).
   eval    `train.eval_episodes` held-out episodes (greedy and sampled, the rollout key from `train.eval_seed`) after
           the SFT start and every `train.eval_every` iterations; em / f1 / searches join the metrics when the env
           reports them;
+  faults  an env's exception or a reset / step slower than env.step_timeout truncates that episode only (a hung env
+          is replaced by a fresh one); env_error is the fraction of episodes that ended so;
   logs    as runner.run's, plus env_steps_per_s (agent steps over the seconds spent inside the envs) per iteration;
   ckpt    one orbax directory per seed (checkpoints/seed<k>); every seed's starting state is saved before the first
           iteration, so `resume=True` restores each seed where it stopped (finished seeds are skipped) and continues
@@ -61,6 +63,9 @@ class HostEnvs:
 
 def host_envs(config, tokenizer) -> HostEnvs:
   """The host environment of a (resolved) config; a bad field is one ValueError line naming it."""
+  timeout = config.env.step_timeout
+  if timeout is not None:
+    checks.check_number(timeout, "env.step_timeout", lambda v: v > 0, "> 0 seconds (or None: no limit)")
   host = _search_qa(config, tokenizer) if config.env.name == "search_qa" else _textworld(config)
   chat = runner.chat_format(config, tokenizer)
   if chat is None:
@@ -156,6 +161,14 @@ def _textworld(config) -> HostEnvs:
   return HostEnvs("textworld", train_items, eval_items, make_envs)
 
 
+def env_pool(setup: runner.Setup, items, count: int) -> HostEnvPool:
+  """`count` envs over `items` on a thread pool; a reset or step that takes longer than env.step_timeout seconds
+  (None: no limit) truncates its episode and a fresh env takes the hung one's place (`HostEnvPool`)."""
+  host, timeout = setup.host, setup.config.env.step_timeout
+  return HostEnvPool(host.make_envs(items, count), timeout=timeout,
+                     make_env=lambda: host.make_envs(items, 1)[0])
+
+
 TASK_DRAW = 0x7A5C  # folded into a state's key to draw an iteration's questions (the rollout key is its split)
 
 
@@ -207,7 +220,7 @@ def warm_start(setup: runner.Setup, seed: int, *, progress: bool = True, log: Ca
   from tqdm import tqdm
 
   bar = tqdm(total=config.sft.steps, desc="sft", disable=not progress, dynamic_ncols=True, unit="step")
-  with HostEnvPool(host.make_envs(host.train_items, num_tasks)) as pool:
+  with env_pool(setup, host.train_items, num_tasks) as pool:
     for step in range(config.sft.steps):
       key, draw_key, rollout_key = jax.random.split(key, 3)
       rows = draw_tasks(draw_key, len(host.train_items), num_tasks).tolist()
@@ -315,8 +328,8 @@ def _seed(programs: dict, setup: runner.Setup, seed: int, key, eval_key, manager
   t = config.train
   state, iteration = train.restore_checkpoint(manager, jax.eval_shape(programs["init"], key, None))
   env_steps = int(train.checkpoint_metadata(manager)["env_steps"])
-  with HostEnvPool(host.make_envs(host.train_items, rc.batch_size)) as pool, \
-       HostEnvPool(host.make_envs(host.eval_items, t.eval_episodes)) as eval_pool:
+  with env_pool(setup, host.train_items, rc.batch_size) as pool, \
+       env_pool(setup, host.eval_items, t.eval_episodes) as eval_pool:
 
     def evaluate_and_log() -> dict:
       metrics = evaluate(programs, state, setup, eval_pool, eval_key)

@@ -435,9 +435,10 @@ class _PhaseClock:
     return timed()
 
 
-# Per-episode numbers a host env may report in `HostStep.info` (search_qa: exact match, token F1, searches so far);
-# the host loop keeps each episode's last reported value in `HostRolloutInfo.env_metrics`.
-HOST_INFO_METRICS = ("em", "f1", "searches")
+# Per-episode numbers a host env may report in `HostStep.info` (search_qa: exact match, token F1, searches so far;
+# any env: env_error, set by `envs.host.error_step` when an episode ended on the env's exception or a timeout); the
+# host loop keeps each episode's last reported value in `HostRolloutInfo.env_metrics`.
+HOST_INFO_METRICS = ("em", "f1", "searches", "env_error")
 
 
 @struct.dataclass

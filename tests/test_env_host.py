@@ -104,11 +104,79 @@ def test_an_env_that_raises_becomes_an_error_step_and_the_others_are_fine():
     failed = results[1]
     assert failed.observation == "Environment error: KeyError"
     assert (failed.reward, failed.terminated, failed.truncated) == (0.0, False, True)
-    assert failed.info == {"error": repr(KeyError("no such thing")), "success": False, "parsed": False}
+    assert failed.info == {"error": repr(KeyError("no such thing")), "env_error": True, "success": False,
+                           "parsed": False}
     # The pool and the faulty env itself keep working.
     assert [r.observation for r in pool.step(_actions(["p", "q", None]))[:2]] == ["env0:p", "env1:q"]
   with pytest.raises(ValueError, match="max_workers must be >= 1"):
     host.HostEnvPool(envs, max_workers=0)
+
+
+class HangingEnv(EchoEnv):
+  """Never returns from `step("hang")` (until the test releases it), nor from `reset` of a seed in `hang_resets`."""
+
+  def __init__(self, name, release, hang_resets=()):
+    super().__init__(name, max_delay=0.0)
+    self.release, self.hang_resets = release, set(hang_resets)
+
+  def reset(self, seed):
+    if seed in self.hang_resets:
+      self.release.wait()
+    return super().reset(seed)
+
+  def step(self, action_text, action_tokens):
+    if action_text == "hang":
+      self.release.wait()
+    return super().step(action_text, action_tokens)
+
+
+def test_a_hung_step_times_out_and_a_fresh_env_takes_its_slot():
+  release = threading.Event()
+  made = []
+
+  def make_env():
+    made.append(EchoEnv(f"fresh{len(made)}", max_delay=0.0))
+    return made[-1]
+
+  envs = [EchoEnv("env0", max_delay=0.0), HangingEnv("env1", release)]
+  try:
+    with host.HostEnvPool(envs, timeout=0.3, make_env=make_env) as pool:
+      pool.reset([0, 1])
+      start = time.monotonic()
+      results = pool.step(_actions(["x", "hang"]))
+      assert time.monotonic() - start < 5.0  # the timeout, not the hung call, decides
+      assert results[0].observation == "env0:x"
+      hung = results[1]
+      assert hung.observation == "Environment error: TimeoutError"
+      assert (hung.reward, hung.terminated, hung.truncated) == (0.0, False, True)
+      assert hung.info["env_error"] is True and "more than 0.3 s" in hung.info["error"]
+      assert pool.timeouts == 1 and pool.envs[1] is made[0] and pool.envs[0] is envs[0]
+      # The replacement plays on; the hung env is never called again (it is not closed either).
+      assert pool.reset([5, 6]) == ["env0 starts with seed 5", "fresh0 starts with seed 6"]
+      assert [r.observation for r in pool.step(_actions(["a", "b"]))] == ["env0:a", "fresh0:b"]
+    assert envs[0].closed and made[0].closed and not envs[1].closed
+  finally:
+    release.set()  # lets the abandoned daemon thread end
+
+
+def test_a_hung_reset_is_retried_once_on_a_fresh_env_then_raises():
+  release = threading.Event()
+  try:
+    fresh = iter([EchoEnv("fresh0", max_delay=0.0), HangingEnv("fresh1", release, hang_resets={3}),
+                  EchoEnv("fresh2", max_delay=0.0)])
+    with host.HostEnvPool([HangingEnv("env0", release, hang_resets={1, 3})], timeout=0.2,
+                          make_env=lambda: next(fresh)) as pool:
+      assert pool.reset([1]) == ["fresh0 starts with seed 1"] and pool.timeouts == 1
+      pool.envs[0] = HangingEnv("env0", release, hang_resets={3})
+      with pytest.raises(TimeoutError, match=r"^HostEnvPool.reset: env 0 did not reset seed 3 within 0.2 s, twice"):
+        pool.reset([3])
+      assert pool.timeouts == 3 and pool.envs[0].name == "fresh2"  # the slot is usable again
+  finally:
+    release.set()
+  with pytest.raises(ValueError, match="a timeout needs make_env"):
+    host.HostEnvPool([EchoEnv("e")], timeout=1.0)
+  with pytest.raises(ValueError, match="timeout must be > 0 seconds or None, got 0"):
+    host.HostEnvPool([EchoEnv("e")], timeout=0, make_env=lambda: EchoEnv("e"))
 
 
 # ---- JaxEnvAsHost ----

@@ -57,6 +57,7 @@ def _without_timing(lines):
     ("env.data_format", "squad", r"^env\.data_format: unknown 'squad'; allowed: hotpotqa, 2wikimultihopqa, musique"),
     ("env.held_out_fraction", 1.5, r"^env\.held_out_fraction: must be in \(0, 1\), got 1\.5"),
     ("env.held_out_fraction", 1e-6, r"^env\.held_out_fraction: 1e-06 leaves no held-out questions of the 20"),
+    ("env.step_timeout", -1.0, r"^env\.step_timeout: must be > 0 seconds \(or None: no limit\), got -1\.0"),
     ("env.tool_format", "json", r"^env\.tool_format: unknown 'json'; allowed: command, tags"),
     ("env.corpus", "/nonexistent/corpus.jsonl", r"^env\.corpus: '/nonexistent/corpus\.jsonl' is not a file"),
     ("rollout.max_obs_len", 0, r"^rollout\.max_obs_len: must be an int >= 1, got 0"),

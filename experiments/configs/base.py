@@ -63,6 +63,8 @@ def get_config() -> ml_collections.ConfigDict:
       games=config_dict.placeholder(str),
       # Host envs: the fraction of questions (games) held out for evaluation, chosen by a hash of the id (file name).
       held_out_fraction=config_dict.placeholder(float),
+      # Host envs: seconds a reset or step may take before its episode is truncated and the env replaced (None: none).
+      step_timeout=config_dict.placeholder(float),
   ))
   # "byte", "word" (the environment's vocabulary as whole-word tokens, bytes for the rest), or a tokenizer.json
   # path; the think format adds <think> / </think> to byte and word tokenizers. None: the environment's preset.

@@ -71,14 +71,14 @@ HOST_ENV_PRESETS: dict[str, dict[str, dict]] = {
     "search_qa": {
         "": {"tokenizer": "byte"},
         "env": {"step_format": "plain", "data_format": "hotpotqa", "held_out_fraction": 0.2, "tool_format": "command",
-                "top_k": 2, "passage_budget": 160},
+                "top_k": 2, "passage_budget": 160, "step_timeout": 60.0},
         "rollout": {"max_steps": 4, "max_len": 2048, "max_action_len": 96, "max_obs_len": 512},
         "model": {"max_position_embeddings": 2048, "attention_block": 32},
     },
     # TextWorld games compiled offline (env.games); 20% of the games (by a hash of the file name) are held out.
     "textworld": {
         "": {"tokenizer": "byte"},
-        "env": {"step_format": "plain", "held_out_fraction": 0.2},
+        "env": {"step_format": "plain", "held_out_fraction": 0.2, "step_timeout": 60.0},
         "rollout": {"max_steps": 6, "max_len": 2048, "max_action_len": 48, "max_obs_len": 768},
         "model": {"max_position_embeddings": 2048, "attention_block": 32},
     },

@@ -17,7 +17,9 @@ see docs/design.md).
 `HostEnvPool` steps many independent environments concurrently on threads: host environments spend their time in
 native code (interpreters, XLA, sockets) that releases the GIL, so threads overlap the waits without pickling
 anything across processes. A fault in one environment never takes down the batch: its step becomes a truncation
-with a fixed feedback observation, and every other environment's result is kept.
+with a fixed feedback observation, and every other environment's result is kept. With a `timeout`, a step that hangs
+is a fault too: its episode is truncated the same way (info "error" names the TimeoutError), the hung environment is
+abandoned to its thread and a fresh one from `make_env` takes its slot, so the run goes on.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import logging
+import threading
 from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 import jax
@@ -75,7 +78,7 @@ def error_step(error: BaseException) -> HostStep:
   """The step an environment's exception turns into: fixed feedback, no reward, truncated (the episode cannot go on,
   but it did not reach an end of task, so its value still bootstraps)."""
   return HostStep(observation=ERROR_FEEDBACK.format(type(error).__name__), reward=0.0, terminated=False,
-                  truncated=True, info={"error": repr(error), "success": False, "parsed": False})
+                  truncated=True, info={"error": repr(error), "env_error": True, "success": False, "parsed": False})
 
 
 def _guarded_step(index: int, env: HostEnv, action_text: str, action_tokens: np.ndarray) -> HostStep:
@@ -93,17 +96,59 @@ class HostEnvPool:
   None for an env that is idle this step (its episode has ended); idle envs are not called and get None back.
   An exception inside one env's `step` becomes `error_step(exception)` for that env only. An exception in `reset`
   propagates (after every other env has finished resetting): a batch that cannot start is a setup error.
+
+  `timeout` (seconds, None: wait forever) bounds every `reset` and `step` call. A step still running after it
+  becomes `error_step(TimeoutError)`; the env is abandoned (never called or closed again: it may be stuck for good)
+  and `make_env()` builds the one that takes its slot. A reset that times out is retried once on a fresh env; a
+  second timeout raises. Timed calls run on daemon threads, so an abandoned call cannot keep the process alive.
+  `timeouts` counts the calls that timed out.
   """
 
-  def __init__(self, envs: Sequence[HostEnv], max_workers: int | None = None):
-    """`max_workers` threads (default: one per env, since envs mostly wait on native code)."""
+  def __init__(self, envs: Sequence[HostEnv], max_workers: int | None = None, *, timeout: float | None = None,
+               make_env: Callable[[], HostEnv] | None = None):
+    """`max_workers` threads (default: one per env, since envs mostly wait on native code); `timeout` and
+    `make_env` as in the class docstring (a timeout needs `make_env`)."""
     self.envs = list(envs)
     if not self.envs:
       raise ValueError("HostEnvPool: envs must hold at least one environment")
     if max_workers is not None and max_workers < 1:
       raise ValueError(f"HostEnvPool: max_workers must be >= 1 or None, got {max_workers}")
+    if timeout is not None and not timeout > 0:
+      raise ValueError(f"HostEnvPool: timeout must be > 0 seconds or None, got {timeout}")
+    if timeout is not None and make_env is None:
+      raise ValueError("HostEnvPool: a timeout needs make_env, to replace an environment that hangs")
+    self.timeout = timeout
+    self.timeouts = 0
+    self._make_env = make_env
     self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=max_workers or len(self.envs),
                                                            thread_name_prefix="host-env")
+
+  def _submit(self, fn: Callable, *args) -> concurrent.futures.Future:
+    """`fn(*args)` on the pool, or, with a timeout, on a daemon thread of its own (the executor's threads are joined
+    at interpreter exit, so a call that never returns would keep the process alive)."""
+    if self.timeout is None:
+      return self._executor.submit(fn, *args)
+    future: concurrent.futures.Future = concurrent.futures.Future()
+
+    def run() -> None:
+      future.set_running_or_notify_cancel()
+      try:
+        future.set_result(fn(*args))
+      except BaseException as error:  # pylint: disable=broad-except  -- handed to the caller through the future
+        future.set_exception(error)
+
+    threading.Thread(target=run, name="host-env-timed", daemon=True).start()
+    return future
+
+  def _wait(self, futures: Sequence[concurrent.futures.Future | None]) -> None:
+    """Until every future is done, or the timeout has passed since the calls started (they run concurrently)."""
+    concurrent.futures.wait([f for f in futures if f is not None], timeout=self.timeout)
+
+  def _abandon(self, index: int, what: str) -> None:
+    self.timeouts += 1
+    logger.warning("host env %d: %s did not return within %s s; the env is abandoned and replaced", index, what,
+                   self.timeout)
+    self.envs[index] = self._make_env()
 
   def __len__(self) -> int:
     return len(self.envs)
@@ -121,16 +166,33 @@ class HostEnvPool:
   def reset(self, seeds: Sequence[int]) -> list[Observation]:
     """First observation of each env, reset with its seed."""
     self._check_batch("reset", seeds)
-    futures = [self._executor.submit(env.reset, int(seed)) for env, seed in zip(self.envs, seeds)]
-    concurrent.futures.wait(futures)  # every env is settled before any error surfaces
+    futures = [self._submit(env.reset, int(seed)) for env, seed in zip(self.envs, seeds)]
+    self._wait(futures)  # every env is settled before any error surfaces
+    for index, seed in enumerate(seeds):
+      if not futures[index].done():  # only with a timeout: one retry on a fresh env
+        self._abandon(index, f"reset({int(seed)})")
+        futures[index] = self._submit(self.envs[index].reset, int(seed))
+        self._wait([futures[index]])
+        if not futures[index].done():
+          self._abandon(index, f"reset({int(seed)})")
+          raise TimeoutError(f"HostEnvPool.reset: env {index} did not reset seed {int(seed)} within {self.timeout} s, "
+                             f"twice (on a fresh env too)")
     return [future.result() for future in futures]
 
   def step(self, actions: Sequence[Action | None]) -> list[HostStep | None]:
     """One step of every non-idle env, concurrently; None in, None out."""
     self._check_batch("step", actions)
-    futures = [None if action is None else self._executor.submit(_guarded_step, index, env, action[0], action[1])
+    futures = [None if action is None else self._submit(_guarded_step, index, env, action[0], action[1])
                for index, (env, action) in enumerate(zip(self.envs, actions))]
-    return [None if future is None else future.result() for future in futures]
+    self._wait(futures)
+    steps: list[HostStep | None] = []
+    for index, future in enumerate(futures):
+      if future is not None and not future.done():
+        self._abandon(index, "step")
+        steps.append(error_step(TimeoutError(f"host env step took more than {self.timeout} s")))
+      else:
+        steps.append(None if future is None else future.result())
+    return steps
 
   def close(self) -> None:
     """Stops the threads and closes every env that has a `close` method (idempotent)."""
