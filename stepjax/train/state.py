@@ -20,6 +20,7 @@ from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
+import flax.linen as nn
 from flax import struct
 from jax.sharding import Mesh, SingleDeviceSharding
 
@@ -143,9 +144,8 @@ def _new_state(spec: StateSpec, params: dict, rng: Array) -> TrainState:
                     skipped_updates=jnp.zeros((), jnp.int32))
 
 
-@functools.lru_cache(maxsize=64)
-def state_shardings(spec: StateSpec) -> TrainState:
-  """A TrainState of NamedShardings on spec.mesh (parameters, Adam moments, reference), nothing allocated."""
+def _boxed_abstract_state(spec: StateSpec) -> TrainState:
+  """The TrainState `init_state` builds, as ShapeDtypeStructs still boxed with their logical axes."""
   policy_module, critic_module = build_models(spec.model, spec.value)
   dummy = jnp.zeros((1, 1), jnp.int32)
 
@@ -155,7 +155,19 @@ def state_shardings(spec: StateSpec) -> TrainState:
       params[CRITIC] = critic_module.init(jax.random.key(0), dummy)["params"]
     return _new_state(spec, params, jnp.zeros((2,), jnp.uint32))
 
-  boxed = jax.eval_shape(boxed_state)
+  return jax.eval_shape(boxed_state)
+
+
+def abstract_state(spec: StateSpec) -> TrainState:
+  """The TrainState of `spec` as ShapeDtypeStructs (shapes and dtypes of parameters, Adam moments, reference),
+  nothing allocated: with `state_shardings`, what a memory plan needs."""
+  return nn.meta.unbox(_boxed_abstract_state(spec))
+
+
+@functools.lru_cache(maxsize=64)
+def state_shardings(spec: StateSpec) -> TrainState:
+  """A TrainState of NamedShardings on spec.mesh (parameters, Adam moments, reference), nothing allocated."""
+  boxed = _boxed_abstract_state(spec)
   return sharding_lib.shardings_from_logical(sharding_lib.logical_specs(boxed), spec.mesh, spec.rules)
 
 
