@@ -5,12 +5,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench lock clean
+.PHONY: demo test notebooks bench lock clean
 
 $(STAMP): setup.py constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,experiments]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,experiments,notebooks]'
 	touch $(STAMP)
 
 # The main job: SFT warm start, then StepPO vs token-level PPO vs GRPO (3 seeds each) on the embedded default
@@ -23,6 +23,11 @@ demo: $(STAMP)
 # gives every run 8 fake CPU devices for the mesh tests.
 test: $(STAMP)
 	$(PY) -m pytest -n 2 --dist loadfile tests
+
+# Executes every notebook in notebooks/ at its CI size (STEPJAX_NOTEBOOK_SIZE=ci) and checks each .ipynb against its
+# jupytext .py source and its committed plots; not part of `make test` (that suite has its own time budget).
+notebooks: $(STAMP)
+	$(PY) -m pytest -n 2 notebooks/test_notebooks.py
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.credit

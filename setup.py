@@ -30,6 +30,8 @@ setup(
         "test": ["pytest", "pytest-xdist", "pytest-timeout", "hypothesis", "torch", "transformers", "textworld"],
         # experiments/: progress bars, TensorBoard event files (no TensorFlow), plots.
         "experiments": ["tqdm", "tensorboardX", "matplotlib"],
+        # notebooks/: execute the Colab notebooks (nbclient) and check their jupytext .py twins.
+        "notebooks": ["jupytext", "nbclient", "nbformat", "ipykernel"],
         "dev": ["ruff"],
     },
 )
