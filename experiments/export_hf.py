@@ -70,14 +70,8 @@ def policy_model_config(config: ml_collections.ConfigDict, tokenizer) -> ModelCo
   if not os.path.isdir(m.checkpoint):
     checks.fail("model.checkpoint", f"{m.checkpoint} is not a directory; the run started from it, and its config.json "
                 "describes the policy")
-  model_config = hf.load_hf_config(m.checkpoint, param_dtype="float32", dtype="float32")
-  # As load_hf_checkpoint does: no lm_head stored means the embedding is the head (headers only, no data read).
-  names = set()
-  for file in hf._checkpoint_files(m.checkpoint):
-    names.update(hf._read_header(file))
-  if "lm_head.weight" not in names:
-    model_config = model_config.replace(tie_word_embeddings=True)
-  return model_config
+  # As load_hf_checkpoint builds it (tied embeddings when no LM head is stored), from the headers only.
+  return hf.load_hf_config(m.checkpoint, param_dtype="float32", dtype="float32")
 
 
 def _seed_checkpoint(workdir: str, config: ml_collections.ConfigDict, seed: int) -> tuple[str, int | None]:

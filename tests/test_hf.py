@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from stepjax.models import forward, param_logical_axes, unstack_layer_params
-from stepjax.models.hf import load_hf_checkpoint, save_hf_checkpoint
+from stepjax.models.hf import load_hf_checkpoint, load_hf_config, save_hf_checkpoint
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -238,9 +238,11 @@ def test_error_unexpected_tensor(llama_copy):
 
 
 def test_missing_lm_head_means_tied(llama_copy):
+  assert not load_hf_config(llama_copy).tie_word_embeddings  # an untied checkpoint
   _edit_tensors(llama_copy, lambda t: t.pop("lm_head.weight"))
   config, params = load_hf_checkpoint(llama_copy)
   assert config.tie_word_embeddings and "lm_head" not in params
+  assert load_hf_config(llama_copy) == config  # the config alone says the same, from the headers
 
 
 def test_error_missing_files(checkpoints, llama_copy, tmp_path):

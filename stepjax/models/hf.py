@@ -345,8 +345,23 @@ def _read_layer_block(reader: _Reader, name: str, layout: _Layout, index: tuple[
 # --------------------------------------------------------------------------------------------------
 
 
-def load_hf_config(path: str, **overrides) -> ModelConfig:
-  """The ModelConfig of a checkpoint directory (to build shardings before loading)."""
+def _stored_tensors(path: str) -> dict[str, _TensorInfo]:
+  """Name -> dtype, shape and location of every tensor of a safetensors checkpoint (headers only)."""
+  tensors: dict[str, _TensorInfo] = {}
+  for file in _checkpoint_files(path):
+    tensors.update(_read_header(file))
+  return tensors
+
+
+def _tie_if_no_head(config: ModelConfig, tensors) -> ModelConfig:
+  """A checkpoint that stores no LM head uses its embedding as the head, whatever config.json says."""
+  if "lm_head.weight" not in tensors and not config.tie_word_embeddings:
+    return config.replace(tie_word_embeddings=True)
+  return config
+
+
+def _read_config(path: str, **overrides) -> ModelConfig:
+  """The ModelConfig of the directory's config.json alone."""
   if not os.path.isdir(path):
     raise FileNotFoundError(f"{path}: checkpoint directory does not exist")
   config_file = os.path.join(path, "config.json")
@@ -354,6 +369,16 @@ def load_hf_config(path: str, **overrides) -> ModelConfig:
     raise FileNotFoundError(f"{config_file}: missing (a Hugging Face checkpoint needs config.json)")
   with open(config_file) as f:
     return config_from_hf(json.load(f), **overrides)
+
+
+def load_hf_config(path: str, **overrides) -> ModelConfig:
+  """The ModelConfig of a checkpoint directory, as `load_hf_checkpoint` builds it (to build shardings before
+  loading): config.json, plus tied embeddings when the weights store no LM head (read from the safetensors headers,
+  when the directory has weights)."""
+  config = _read_config(path, **overrides)
+  has_weights = any(os.path.isfile(os.path.join(path, name))
+                    for name in ("model.safetensors", "model.safetensors.index.json"))
+  return _tie_if_no_head(config, _stored_tensors(path)) if has_weights else config
 
 
 def load_hf_checkpoint(path: str, *, dtype: Any = jnp.float32, shardings: Any = None,
@@ -368,12 +393,9 @@ def load_hf_checkpoint(path: str, *, dtype: Any = jnp.float32, shardings: Any = 
   Returns (config, params).
   """
   overrides = {"param_dtype": jnp.dtype(dtype).name, "dtype": jnp.dtype(dtype).name, **(config_overrides or {})}
-  config = load_hf_config(path, **overrides)
-  tensors: dict[str, _TensorInfo] = {}
-  for file in _checkpoint_files(path):
-    tensors.update(_read_header(file))
-  if "lm_head.weight" not in tensors and not config.tie_word_embeddings:
-    config = config.replace(tie_word_embeddings=True)  # no LM head stored: the embedding is the LM head
+  config = _read_config(path, **overrides)
+  tensors = _stored_tensors(path)
+  config = _tie_if_no_head(config, tensors)
   leaves = _leaves(config)
 
   expected = {}
