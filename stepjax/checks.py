@@ -16,6 +16,7 @@ shapes and dtypes are known and values may be tracers (hyperparameters are then 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 from typing import Any, Callable, Iterator, NoReturn, Sequence
 
@@ -30,6 +31,25 @@ _KIND_NAMES = {"float": "a float dtype", "int": "an integer dtype", "signed": "a
 
 def fail(field: str, message: str) -> NoReturn:
   raise ValueError(f"{field}: {message}")
+
+
+def json_problem(error: Exception) -> str:
+  """A json / UTF-8 decoding error as a short phrase: "line 1 column 19: Expecting ',' delimiter"."""
+  if isinstance(error, json.JSONDecodeError):
+    return f"line {error.lineno} column {error.colno}: {error.msg}"
+  if isinstance(error, UnicodeDecodeError):
+    return f"not UTF-8 text at byte {error.start}"
+  return " ".join(str(error).split())
+
+
+def read_json(path: str) -> Any:
+  """The JSON in the file `path`; one ValueError line naming the file when it is not JSON."""
+  with open(path, "rb") as f:
+    data = f.read()
+  try:
+    return json.loads(data)
+  except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    raise ValueError(f"{path} is not valid JSON ({json_problem(error)})") from None
 
 
 def require(ok, field: str, message: str) -> None:

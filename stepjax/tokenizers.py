@@ -16,13 +16,14 @@ Chat templates (a chat model's turns around observations, as ids) are `stepjax.c
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Mapping, Sequence
 from typing import Protocol, runtime_checkable
 
 import numpy as np
+
+from stepjax import checks
 
 PAD_TOKEN = "<|pad|>"
 END_OF_STEP_TOKEN = "<|end_of_step|>"
@@ -344,16 +345,34 @@ def _find_tokenizer_file(path: str | os.PathLike) -> str:
   return candidate
 
 
+def read_tokenizer_file(path: str | os.PathLike):
+  """A `tokenizers.Tokenizer` from a tokenizer.json (or a directory holding one). A file that is not JSON, or JSON
+  the library rejects, is one ValueError line naming the file (the library's own error is a bare Exception); the
+  file is parsed a second time only then, so a good file loads as fast as `Tokenizer.from_file`."""
+  try:
+    from tokenizers import Tokenizer as LibraryTokenizer
+  except ImportError as error:
+    raise ImportError("HFTokenizer needs the `tokenizers` library: pip install tokenizers") from error
+  path = _find_tokenizer_file(path)
+  try:
+    return LibraryTokenizer.from_file(path)
+  except Exception as error:  # noqa: BLE001 - the library raises bare Exceptions; say which file and why
+    library_problem = " ".join(str(error).split()) or type(error).__name__
+  checks.read_json(path)  # not JSON at all: say so
+  raise ValueError(f"{path} is not a tokenizer.json the tokenizers library can load ({library_problem})")
+
+
 def _pad_token_from_tokenizer_config(tokenizer_file: str) -> str | None:
-  """`pad_token` of a tokenizer_config.json next to the tokenizer file, when there is one (string or dict form)."""
+  """`pad_token` of a tokenizer_config.json next to the tokenizer file, when there is one (string or dict form).
+  A tokenizer_config.json that is not a JSON object is a one-line ValueError: ignoring it would silently pick
+  another pad token."""
   config_file = os.path.join(os.path.dirname(tokenizer_file), TOKENIZER_CONFIG_FILE_NAME)
   if not os.path.isfile(config_file):
     return None
-  try:
-    with open(config_file, encoding="utf-8") as handle:
-      pad_token = json.load(handle).get("pad_token")
-  except (OSError, ValueError, AttributeError):
-    return None
+  config = checks.read_json(config_file)
+  if not isinstance(config, Mapping):
+    raise ValueError(f"{config_file} is not a JSON object (got {type(config).__name__})")
+  pad_token = config.get("pad_token")
   if isinstance(pad_token, Mapping):
     pad_token = pad_token.get("content")
   return pad_token if isinstance(pad_token, str) and pad_token else None
@@ -384,13 +403,9 @@ class HFTokenizer(_SpecialIds):
       extra_special_tokens: Sequence[str] = (),
   ):
     """`path`: a tokenizer.json or a directory holding one. See the class docstring for the other arguments."""
-    try:
-      from tokenizers import AddedToken
-      from tokenizers import Tokenizer as LibraryTokenizer
-    except ImportError as error:
-      raise ImportError("HFTokenizer needs the `tokenizers` library: pip install tokenizers") from error
     self.path = _find_tokenizer_file(path)
-    self._tokenizer = LibraryTokenizer.from_file(self.path)
+    self._tokenizer = read_tokenizer_file(self.path)
+    from tokenizers import AddedToken
     file_padding = self._tokenizer.padding
     self._tokenizer.no_padding()
     self._tokenizer.no_truncation()

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from stepjax import checks
 from stepjax.models.transformer import ModelConfig, RopeScaling
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
@@ -38,6 +39,21 @@ _SAFETENSORS_DTYPES = {"F64": np.dtype(np.float64), "F32": np.dtype(np.float32),
                        "BF16": np.dtype(ml_dtypes.bfloat16)}
 # Buffers that some exporters saved alongside the weights; recomputed here, so safe to skip.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+# config.json fields without a default (everything else falls back on the architecture's usual value).
+_REQUIRED_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+
+
+class MissingCheckpointFileError(FileNotFoundError, ValueError):
+  """A file the checkpoint needs is not there: a FileNotFoundError, and a ValueError like every other bad input."""
+
+
+def _check_required_fields(hf: Any, source: str) -> None:
+  if not isinstance(hf, dict):
+    raise ValueError(f"{source} is not a JSON object (got {type(hf).__name__})")
+  missing = [name for name in _REQUIRED_FIELDS if name not in hf]
+  if missing:
+    raise ValueError(f"{source} is missing required field{'s' if len(missing) > 1 else ''} "
+                     f"{', '.join(missing)} (a Llama / Qwen config.json has {', '.join(_REQUIRED_FIELDS)})")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -67,6 +83,10 @@ def _rope_from_hf(hf: dict) -> tuple[float, RopeScaling | None]:
   if kind == "default":
     return float(theta), None
   if kind == "llama3":
+    needed = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    missing = [name for name in needed if name not in scaling]
+    if missing:
+      raise ValueError(f"rope_scaling: rope_type llama3 needs {', '.join(needed)}; missing {', '.join(missing)}")
     return float(theta), RopeScaling(
         factor=float(scaling["factor"]), low_freq_factor=float(scaling["low_freq_factor"]),
         high_freq_factor=float(scaling["high_freq_factor"]),
@@ -76,6 +96,7 @@ def _rope_from_hf(hf: dict) -> tuple[float, RopeScaling | None]:
 
 def config_from_hf(hf: dict, **overrides) -> ModelConfig:
   """A Hugging Face config.json dict -> ModelConfig (validated). Raises one-line ValueErrors for what we can't run."""
+  _check_required_fields(hf, "config.json")
   arch = _architecture(hf)
   if hf.get("hidden_act", "silu") != "silu":
     raise ValueError(f"hidden_act: only silu (SwiGLU) is supported, got {hf['hidden_act']!r}")
@@ -260,22 +281,73 @@ class _TensorInfo:
 
 
 def _read_header(file: str) -> dict[str, _TensorInfo]:
+  """Every tensor's dtype, shape and location in one safetensors file, checked against the file's size before any
+  data is read: a truncated or corrupt file is one ValueError line naming it, never a short read later."""
+  size = os.path.getsize(file)
   with open(file, "rb") as f:
+    if size < 8:
+      raise ValueError(f"{file} is truncated: {size} bytes, too short for the 8-byte safetensors header length")
     (header_len,) = struct.unpack("<Q", f.read(8))
-    header = json.loads(f.read(header_len))
-  out = {}
+    if header_len > size - 8:
+      raise ValueError(f"{file} is corrupt or truncated: its safetensors header length is {header_len} bytes, but "
+                       f"only {size - 8} bytes follow the length field")
+    raw = f.read(header_len)
+  try:
+    header = json.loads(raw)
+  except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    raise ValueError(f"{file} is corrupt: its safetensors header is not valid JSON ({checks.json_problem(error)})") from None
+  if not isinstance(header, dict):
+    raise ValueError(f"{file} is corrupt: its safetensors header is not a JSON object")
+  available = size - 8 - header_len  # bytes of tensor data the file holds
+  out, ranges = {}, []
   for name, entry in header.items():
     if name == "__metadata__":
       continue
+    if not (isinstance(entry, dict) and isinstance(entry.get("dtype"), str) and _is_int_list(entry.get("shape"))
+            and _is_int_list(entry.get("data_offsets")) and len(entry["data_offsets"]) == 2):
+      raise ValueError(f"{file} is corrupt: header entry {name!r} needs a dtype string, a shape and two "
+                       "data_offsets (non-negative ints)")
     if entry["dtype"] not in _SAFETENSORS_DTYPES:
-      raise ValueError(f"{name}: dtype {entry['dtype']} is not supported; supported: {', '.join(_SAFETENSORS_DTYPES)}")
+      raise ValueError(f"{name}: dtype {entry['dtype']} in {file} is not supported; supported: "
+                       f"{', '.join(_SAFETENSORS_DTYPES)}")
     dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
     begin, end = entry["data_offsets"]
     shape = tuple(entry["shape"])
     if end - begin != math.prod(shape) * dtype.itemsize:
-      raise ValueError(f"{name}: corrupt safetensors header in {file} (byte range does not match shape {shape})")
+      raise ValueError(f"{file} is corrupt: tensor {name} has data_offsets [{begin}, {end}) ({end - begin} bytes), "
+                       f"but shape {list(shape)} in {entry['dtype']} takes {math.prod(shape) * dtype.itemsize}")
+    ranges.append((begin, end, name))
     out[name] = _TensorInfo(file, dtype, shape, 8 + header_len + begin)
+  _check_data_ranges(file, sorted(ranges), available)
   return out
+
+
+def _is_int_list(x) -> bool:
+  return isinstance(x, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in x)
+
+
+def _check_data_ranges(file: str, ranges: list[tuple[int, int, str]], available: int) -> None:
+  """The tensors' byte ranges (sorted) tile [0, total) with no gap or overlap, as the format requires, and the file
+  holds all `total` bytes: a file cut short is "truncated", offsets past the end of an otherwise intact file
+  "corrupt"."""
+  position, broken = 0, None
+  for begin, end, name in ranges:
+    if begin != position and broken is None:
+      broken = (begin, end, name, "overlap the previous tensor" if begin < position else
+                f"leave a gap after byte {position}")
+    position = max(position, end)
+  if broken is None and position > available:
+    first_short = next(name for _, end, name in ranges if end > available)
+    raise ValueError(f"{file} is truncated: its header describes {position} bytes of tensor data, the file holds "
+                     f"{available} (tensor {first_short} is cut short or missing)")
+  for begin, end, name in ranges:
+    if end > available:
+      raise ValueError(f"{file} is corrupt: tensor {name}'s data_offsets [{begin}, {end}) run past the end of the "
+                       f"file's {available} bytes of tensor data")
+  if broken is not None:
+    begin, end, name, what = broken
+    raise ValueError(f"{file} is corrupt: tensor {name}'s data_offsets [{begin}, {end}) {what} (safetensors data "
+                     "is contiguous)")
 
 
 class _Reader:
@@ -293,21 +365,26 @@ class _Reader:
     return self._maps[info.file][info.start:info.start + nbytes].view(info.dtype).reshape(info.shape)
 
 
-def _checkpoint_files(path: str) -> list[str]:
+def _checkpoint_files(path: str) -> tuple[list[str], dict[str, str] | None]:
+  """The safetensors files of a checkpoint directory, and the index's weight_map (tensor -> file; None without an
+  index). Missing files are `MissingCheckpointFileError`s, a corrupt index a one-line ValueError."""
   index = os.path.join(path, "model.safetensors.index.json")
   if os.path.isfile(index):
-    with open(index) as f:
-      weight_map = json.load(f)["weight_map"]
+    weight_map = checks.read_json(index)
+    weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+      raise ValueError(f"{index} is corrupt: it needs a \"weight_map\" object (tensor name -> shard file name)")
     files = sorted(set(weight_map.values()))
     for name in files:
       if not os.path.isfile(os.path.join(path, name)):
-        raise FileNotFoundError(f"{os.path.join(path, name)}: listed in model.safetensors.index.json but missing")
-    return [os.path.join(path, name) for name in files]
+        raise MissingCheckpointFileError(f"{os.path.join(path, name)}: listed in model.safetensors.index.json but "
+                                         "missing")
+    return [os.path.join(path, name) for name in files], weight_map
   single = os.path.join(path, "model.safetensors")
   if os.path.isfile(single):
-    return [single]
-  raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json (only safetensors "
-                          "checkpoints are read, never pickle .bin files)")
+    return [single], None
+  raise MissingCheckpointFileError(f"{path}: no model.safetensors or model.safetensors.index.json (only safetensors "
+                                   "checkpoints are read, never pickle .bin files)")
 
 
 def _read_block(reader: _Reader, leaf: _Leaf, index: tuple[slice, ...], dtype: np.dtype) -> np.ndarray:
@@ -346,10 +423,25 @@ def _read_layer_block(reader: _Reader, name: str, layout: _Layout, index: tuple[
 
 
 def _stored_tensors(path: str) -> dict[str, _TensorInfo]:
-  """Name -> dtype, shape and location of every tensor of a safetensors checkpoint (headers only)."""
+  """Name -> dtype, shape and location of every tensor of a safetensors checkpoint (headers only, each checked
+  against its file's size; with an index, its weight_map must agree with the shards' headers)."""
+  files, weight_map = _checkpoint_files(path)
   tensors: dict[str, _TensorInfo] = {}
-  for file in _checkpoint_files(path):
-    tensors.update(_read_header(file))
+  for file in files:
+    for name, info in _read_header(file).items():
+      if name in tensors:
+        raise ValueError(f"{name}: stored twice, in {tensors[name].file} and {file}")
+      tensors[name] = info
+  if weight_map is not None:
+    index = os.path.join(path, "model.safetensors.index.json")
+    for name, file in weight_map.items():
+      if name not in tensors or tensors[name].file != os.path.join(path, file):
+        raise ValueError(f"{index} does not match its shards: its weight_map puts {name} in {file}, whose header "
+                         "does not have it")
+    unlisted = sorted(set(tensors) - set(weight_map))
+    if unlisted:
+      raise ValueError(f"{index} does not match its shards: its weight_map does not list {unlisted[0]} (stored in "
+                       f"{os.path.basename(tensors[unlisted[0]].file)}; {len(unlisted)} unlisted in all)")
   return tensors
 
 
@@ -363,12 +455,13 @@ def _tie_if_no_head(config: ModelConfig, tensors) -> ModelConfig:
 def _read_config(path: str, **overrides) -> ModelConfig:
   """The ModelConfig of the directory's config.json alone."""
   if not os.path.isdir(path):
-    raise FileNotFoundError(f"{path}: checkpoint directory does not exist")
+    raise MissingCheckpointFileError(f"{path}: checkpoint directory does not exist")
   config_file = os.path.join(path, "config.json")
   if not os.path.isfile(config_file):
-    raise FileNotFoundError(f"{config_file}: missing (a Hugging Face checkpoint needs config.json)")
-  with open(config_file) as f:
-    return config_from_hf(json.load(f), **overrides)
+    raise MissingCheckpointFileError(f"{config_file}: missing (a Hugging Face checkpoint needs config.json)")
+  hf = checks.read_json(config_file)
+  _check_required_fields(hf, config_file)
+  return config_from_hf(hf, **overrides)
 
 
 def load_hf_config(path: str, **overrides) -> ModelConfig:

@@ -77,7 +77,9 @@ def make_sft_update(model_config: ModelConfig, optim_config: OptimConfig, *, mes
   """-> `update(state, batch) -> (state, metrics)`: one AdamW step (actor_lr) on `sft_loss`; the state is donated.
 
   state: from `init_sft_state`. metrics: loss (= nll), nll, token_accuracy, grad_norm, skipped, skipped_updates;
-  a non-finite loss or gradient skips the step, as in `make_update` (mesh, rules, compiler_options as there).
+  a non-finite loss or gradient skips the step (params and optimizer state bit-identical), as in `make_update`
+  (mesh, rules, compiler_options as there); `check_halt(metrics, halt, field="sft")` halts on a skip. SFT reads no
+  rewards: a batch with NaN rewards trains as usual.
   """
   spec = StateSpec.for_sft(model_config, optim_config, mesh=mesh, rules=rules, compiler_options=compiler_options)
   step = _sft_program(spec)

@@ -11,6 +11,15 @@ One call (B episodes, L tokens, S step slots, E epochs, M minibatches) runs two 
             where a minibatch whose loss or gradient is not finite leaves params and optimizer state untouched and
             is counted. It depends on the estimator only through its critic level (`UpdateConfig.loss_side`).
 
+Non-finite inputs (drills/poison.py): nothing before the guard raises, and one loss (policy + critic + KL) means one
+decision per minibatch step, so a skipped step changes no param, Adam moment or count, the critic's included. A NaN
+or Inf reward makes its step's advantage and return NaN; batch-wide whitening spreads the NaN to every advantage, so
+every minibatch step is skipped and the update is never half-applied. Without whitening (e.g. Dr.GRPO, unwhitened
+GAE) only the minibatch steps holding the episode (or its group) are skipped, and the others apply. A NaN activation
+in a row (e.g. a NaN embedding row) spreads to the whole row even from its padding (a masked key's probability is 0,
+and 0 x NaN = NaN). A finite loss whose gradient norm overflows float32 (a reward of 1e30 under Dr.GRPO) is skipped
+too: the guard reads the gradient, not only the loss.
+
 Both programs are cached on (`StateSpec`, config), so calling `make_update` again with equal configs compiles
 nothing, and a sweep over estimators of one critic level compiles `optimize` once.
 """
@@ -95,13 +104,17 @@ def _reduce_metrics(per_step: dict) -> dict:
   return out
 
 
-def check_halt(metrics: Mapping[str, Any], update_config: UpdateConfig) -> None:
-  """Host side, after an update: with halt_on_nonfinite, raise if any minibatch had a non-finite loss or grad."""
-  if update_config.halt_on_nonfinite:
-    skipped = int(np.asarray(metrics["skipped"]))
+def check_halt(metrics: Mapping[str, Any], update_config: UpdateConfig | bool, *, field: str = "update",
+               flag: str | None = None) -> None:
+  """Host side, after an update (or a chunk of them: `skipped` of any shape is summed): with halt_on_nonfinite
+  (the config's, or a bool), raise one line if any minibatch step had a non-finite loss or gradient. field, flag:
+  the names in the line (SFT: field="sft", flag="train.halt_on_nonfinite")."""
+  halt = update_config if isinstance(update_config, (bool, np.bool_)) else update_config.halt_on_nonfinite
+  if halt:
+    skipped = int(np.sum(np.asarray(metrics["skipped"])))
     if skipped:
-      raise FloatingPointError(f"update: {skipped} minibatch update(s) had a non-finite loss or gradient and were "
-                               "skipped (update.halt_on_nonfinite=True)")
+      raise FloatingPointError(f"{field}: {skipped} minibatch update(s) had a non-finite loss or gradient and were "
+                               f"skipped ({flag or field + '.halt_on_nonfinite'}=True)")
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""Reliability drills: scripts CI runs, each printing its figure."""
