@@ -1,6 +1,7 @@
 """Host environments in the experiment runner: `runner.build` / `warm_start` / `run` hand over to this module when
 `env.name` is a host environment (search_qa over the user's question file, textworld over compiled games: Python
-objects behind `envs.host.HostEnv`, stepped on threads by a `HostEnvPool`).
+objects behind `envs.host.HostEnv`, stepped by a `HostEnvPool` on threads or, with env.isolation="process", each in a
+worker process of its own).
 
 `run` does what `runner.run` does for the JAX environments, with the host loop:
 
@@ -17,8 +18,10 @@ objects behind `envs.host.HostEnv`, stepped on threads by a `HostEnvPool`).
   eval    `train.eval_episodes` held-out episodes (greedy and sampled, the rollout key from `train.eval_seed`) after
           the SFT start and every `train.eval_every` iterations; em / f1 / searches join the metrics when the env
           reports them;
-  faults  an env's exception or a reset / step slower than env.step_timeout truncates that episode only (a hung env
-          is replaced by a fresh one); env_error is the fraction of episodes that ended so;
+  faults  an env's exception, a reset / step slower than env.step_timeout, or (env.isolation="process") a crash of the
+          env's worker process (a segfault in an interpreter, os._exit) truncates that episode only (a hung or
+          crashed env is replaced by a fresh one); env_error is the fraction of episodes that ended so, and
+          env_crashes / env_timeouts count the iteration's faults;
   logs    as runner.run's, plus env_steps_per_s (agent steps over the seconds spent inside the envs) per iteration;
   ckpt    one orbax directory per seed (checkpoints/seed<k>); every seed's starting state is saved before the first
           iteration, so `resume=True` restores each seed where it stopped (finished seeds are skipped) and continues
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import glob
 import os
 import time
@@ -41,7 +45,7 @@ from experiments import runner
 from stepjax import checks
 from stepjax import rollout as rollout_lib
 from stepjax import train
-from stepjax.envs.host import ChatEnv, HostEnvPool
+from stepjax.envs.host import ISOLATIONS, HostEnvPool, make_chat_env
 from stepjax.models.transformer import Transformer
 from stepjax.train.state import default_sharding
 from stepjax.train.loop import host_rollout_metrics
@@ -49,16 +53,24 @@ from stepjax.train.loop import host_rollout_metrics
 
 @dataclasses.dataclass(frozen=True)
 class HostEnvs:
-  """A host environment's two splits and how to make envs over one: `make_envs(items, count)` -> `count` HostEnvs
-  whose `reset(seed)` plays `items[seed % len(items)]` (items: question dicts for search_qa, game paths for
-  textworld). chat: the config's chat format (`stepjax.chat.ChatFormat`), None for "none"; with one, every env
-  `make_envs` returns is a `ChatEnv` whose observations are its turns."""
+  """A host environment's two splits and how to make envs over one: `env_factory(items)` -> a picklable `make_env()`
+  (a process-isolated pool builds its envs with it in the workers) whose envs' `reset(seed)` plays
+  `items[seed % len(items)]` (items: question dicts for search_qa, game paths for textworld). chat: the config's chat
+  format (`stepjax.chat.ChatFormat`), None for "none"; with one, every env is a `ChatEnv` whose observations are its
+  turns. preload: the modules process-isolated workers need, imported once by the forkserver they are forked from
+  (only fork-safe ones: nothing that starts threads at import)."""
 
   name: str
   train_items: tuple
   eval_items: tuple
-  make_envs: Callable[[Sequence[Any], int], list]
+  env_factory: Callable[[Sequence[Any]], Callable[[], Any]]
   chat: Any = None
+  preload: tuple[str, ...] = ()
+
+  def make_envs(self, items: Sequence[Any], count: int) -> list:
+    """`count` envs over `items`, in this process."""
+    make_env = self.env_factory(items)
+    return [make_env() for _ in range(count)]
 
 
 def host_envs(config, tokenizer) -> HostEnvs:
@@ -66,6 +78,7 @@ def host_envs(config, tokenizer) -> HostEnvs:
   timeout = config.env.step_timeout
   if timeout is not None:
     checks.check_number(timeout, "env.step_timeout", lambda v: v > 0, "> 0 seconds (or None: no limit)")
+  checks.check_choice(config.env.isolation, "env.isolation", ISOLATIONS)
   host = _search_qa(config, tokenizer) if config.env.name == "search_qa" else _textworld(config)
   chat = runner.chat_format(config, tokenizer)
   if chat is None:
@@ -75,12 +88,13 @@ def host_envs(config, tokenizer) -> HostEnvs:
     checks.fail("rollout.max_obs_len", f"{max_obs_len} cannot hold an observation with the chat template's "
                 f"{chat.overhead} ids around it (turn headers and ends, the system turn); use more than "
                 f"{chat.overhead} plus the longest observation")
-  make_envs = host.make_envs
+  env_factory = host.env_factory
 
-  def make_chat_envs(items, count):
-    return [ChatEnv(env, chat, tokenizer) for env in make_envs(items, count)]
+  def chat_env_factory(items):
+    return functools.partial(make_chat_env, env_factory(items), chat, tokenizer)
 
-  return dataclasses.replace(host, make_envs=make_chat_envs, chat=chat)
+  return dataclasses.replace(host, env_factory=chat_env_factory, chat=chat,
+                             preload=host.preload + ("stepjax.chat", "stepjax.tokenizers"))
 
 
 def split(items: list, ids: list[str], fraction: float, what: str) -> tuple[tuple, tuple]:
@@ -129,15 +143,21 @@ def _search_qa(config, tokenizer) -> HostEnvs:
   decode = None
   if e.step_format == "think":
     # <think> / </think> are special tokens the loop's skip_special decoding drops: the env reads the ids instead.
-    ends = {tokenizer.end_of_step_id, tokenizer.eos_id, tokenizer.pad_id}
-    decode = lambda ids: tokenizer.decode([int(i) for i in ids if int(i) not in ends])  # noqa: E731
+    decode = functools.partial(_decode_without, tokenizer, (tokenizer.end_of_step_id, tokenizer.eos_id,
+                                                            tokenizer.pad_id))
 
-  def make_envs(items, count):
-    # One env checks every question; its copies share the questions and the index (an episode lives in the copy).
-    prototype = sq.SearchQAEnv(items, env_config, index=index, decode=decode)
-    return [copy.copy(prototype) for _ in range(count)]
+  def env_factory(items):
+    # One env checks every question; its copies share the questions and the index (an episode lives in the copy). A
+    # process-isolated worker gets the prototype pickled, index included. bm25s imports JAX and starts its backend's
+    # threads at import, so search_qa is not preloaded (forking from a process with threads is unsafe).
+    return functools.partial(copy.copy, sq.SearchQAEnv(items, env_config, index=index, decode=decode))
 
-  return HostEnvs("search_qa", train_items, eval_items, make_envs)
+  return HostEnvs("search_qa", train_items, eval_items, env_factory)
+
+
+def _decode_without(tokenizer, drop: Sequence[int], ids) -> str:
+  """The text of `ids` without the tokens in `drop` (a picklable decode for search_qa's think format)."""
+  return tokenizer.decode([int(i) for i in ids if int(i) not in drop])
 
 
 def _textworld(config) -> HostEnvs:
@@ -155,18 +175,19 @@ def _textworld(config) -> HostEnvs:
   fraction = checks.check_number(e.held_out_fraction, "env.held_out_fraction", lambda v: 0 < v < 1, "in (0, 1)")
   train_items, eval_items = split(games, [os.path.basename(path) for path in games], fraction, "games")
 
-  def make_envs(items, count):
-    return [textworld_env.TextWorldEnv(list(items), max_steps=r.max_steps) for _ in range(count)]
+  def env_factory(items):
+    return functools.partial(textworld_env.TextWorldEnv, list(items), max_steps=r.max_steps)
 
-  return HostEnvs("textworld", train_items, eval_items, make_envs)
+  return HostEnvs("textworld", train_items, eval_items, env_factory, preload=textworld_env.PRELOAD)
 
 
 def env_pool(setup: runner.Setup, items, count: int) -> HostEnvPool:
-  """`count` envs over `items` on a thread pool; a reset or step that takes longer than env.step_timeout seconds
-  (None: no limit) truncates its episode and a fresh env takes the hung one's place (`HostEnvPool`)."""
-  host, timeout = setup.host, setup.config.env.step_timeout
-  return HostEnvPool(host.make_envs(items, count), timeout=timeout,
-                     make_env=lambda: host.make_envs(items, 1)[0])
+  """`count` envs over `items`, on threads or each in a worker process of its own (env.isolation); a reset or step
+  that takes longer than env.step_timeout seconds (None: no limit), or whose worker dies, truncates its episode and a
+  fresh env takes the faulty one's place (`HostEnvPool`)."""
+  host, e = setup.host, setup.config.env
+  return HostEnvPool(num_envs=count, make_env=host.env_factory(items), timeout=e.step_timeout, isolation=e.isolation,
+                     preload=host.preload)
 
 
 TASK_DRAW = 0x7A5C  # folded into a state's key to draw an iteration's questions (the rollout key is its split)
@@ -344,6 +365,7 @@ def _seed(programs: dict, setup: runner.Setup, seed: int, key, eval_key, manager
     evaluations = iteration // t.eval_every
     while iteration < t.iterations:
       rows, groups = host_rows(state, setup)
+      faults = (pool.crashes, pool.timeouts)
       timings: dict[str, float] = {}
       start = time.perf_counter()
       state, metrics = programs["iteration"](state, pool, rows, groups, timings)
@@ -354,7 +376,8 @@ def _seed(programs: dict, setup: runner.Setup, seed: int, key, eval_key, manager
           "iteration": iteration, "seed": seed, "env_steps": env_steps, **metrics, "time_s": elapsed,
           "agent_steps_per_s": metrics["agent_steps"] / elapsed,
           "env_steps_per_s": metrics["agent_steps"] / max(timings.get("env", 0.0), 1e-9),
-          "tokens_per_s": metrics["action_tokens"] / elapsed}])
+          "tokens_per_s": metrics["action_tokens"] / elapsed,
+          "env_crashes": pool.crashes - faults[0], "env_timeouts": pool.timeouts - faults[1]}])
       logger.scalars("train", seed, iteration, metrics)
       if iteration % t.eval_every == 0:
         evaluation = evaluate_and_log()

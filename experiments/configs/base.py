@@ -38,7 +38,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.name = "steppo"
 
   # Environment by name: pure-JAX (lookup_qa, textworld_lite, grid_nav; seeds vmapped) or host (search_qa,
-  # textworld; Python envs on threads, seeds one after another). Fields left None take the environment's preset
+  # textworld; Python envs on threads or in worker processes, seeds one after another). Fields left None take the environment's preset
   # (experiments/configs/presets.py), so switching environments is this one field (plus the data of a host env).
   c.env = ml_collections.ConfigDict(dict(
       name="lookup_qa",
@@ -51,6 +51,9 @@ def get_config() -> ml_collections.ConfigDict:
       num_rooms=config_dict.placeholder(int),  # textworld_lite
       size=config_dict.placeholder(int),  # grid_nav: the side of the grid
       invalid_penalty=0.0,
+      # lookup_qa: probability that the scripted expert (the SFT demonstrations) answers a question ending in "author"
+      # from the "city" fact instead: an imperfect expert that leaves room for RL (0.0: the perfect expert).
+      expert_slip=0.0,
       # search_qa: the question file (required) and its format (hotpotqa, 2wikimultihopqa, musique); an optional
       # corpus JSONL of {"title", "text"} passages (None: the questions' context paragraphs); where the BM25 index is
       # saved (None: <data>.bm25 next to the question file); "command" or "tags" calls; passages per search and the
@@ -65,6 +68,10 @@ def get_config() -> ml_collections.ConfigDict:
       held_out_fraction=config_dict.placeholder(float),
       # Host envs: seconds a reset or step may take before its episode is truncated and the env replaced (None: none).
       step_timeout=config_dict.placeholder(float),
+      # Host envs: "thread" (every env an object of the trainer's process, called on threads) or "process" (every env
+      # in a worker process of its own: a native crash of an env, a segfault in its interpreter, ends its episode
+      # and restarts its worker instead of killing the run). None: the environment's preset.
+      isolation=config_dict.placeholder(str),
   ))
   # "byte", "word" (the environment's vocabulary as whole-word tokens, bytes for the rest), or a tokenizer.json
   # path; the think format adds <think> / </think> to byte and word tokenizers. None: the environment's preset.

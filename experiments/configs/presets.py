@@ -67,18 +67,24 @@ ENV_PRESETS: dict[str, dict[str, dict]] = {
 # env.games), which is what ENV_PRESETS' environments promise.
 HOST_ENV_PRESETS: dict[str, dict[str, dict]] = {
     # Multi-hop QA with a BM25 search tool over the user's HotpotQA-layout file (env.data); 20% of the questions
-    # (by a hash of the id) are held out for evaluation. Plain `search <query>` / `answer <text>` lines.
+    # (by a hash of the id) are held out for evaluation. Plain `search <query>` / `answer <text>` lines. Envs on
+    # threads: the search is Python and numpy (nothing native to crash), and a worker process per env would import
+    # bm25s, which imports JAX and starts its backend: ~2 s of CPU per worker, and +0.2-0.3 ms of CPU per step for
+    # the pipe (BENCHMARKS.md, "Host envs in worker processes").
     "search_qa": {
         "": {"tokenizer": "byte"},
         "env": {"step_format": "plain", "data_format": "hotpotqa", "held_out_fraction": 0.2, "tool_format": "command",
-                "top_k": 2, "passage_budget": 160, "step_timeout": 60.0},
+                "top_k": 2, "passage_budget": 160, "step_timeout": 60.0, "isolation": "thread"},
         "rollout": {"max_steps": 4, "max_len": 2048, "max_action_len": 96, "max_obs_len": 512},
         "model": {"max_position_embeddings": 2048, "attention_block": 32},
     },
-    # TextWorld games compiled offline (env.games); 20% of the games (by a hash of the file name) are held out.
+    # TextWorld games compiled offline (env.games); 20% of the games (by a hash of the file name) are held out. Every
+    # env in a worker process of its own: Jericho's interpreter is native code that has crashed the trainer's
+    # process; isolated, a crash ends one episode. It costs ~0.5 s of CPU per worker at the start (parsing the game
+    # logic) and 4-14% more CPU per step (BENCHMARKS.md, "Host envs in worker processes").
     "textworld": {
         "": {"tokenizer": "byte"},
-        "env": {"step_format": "plain", "held_out_fraction": 0.2, "step_timeout": 60.0},
+        "env": {"step_format": "plain", "held_out_fraction": 0.2, "step_timeout": 60.0, "isolation": "process"},
         "rollout": {"max_steps": 6, "max_len": 2048, "max_action_len": 48, "max_obs_len": 768},
         "model": {"max_position_embeddings": 2048, "attention_block": 32},
     },

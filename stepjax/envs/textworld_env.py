@@ -91,6 +91,10 @@ _CENTRED = re.compile(r"^[ \t]{8,}", re.MULTILINE)  # Inform centres "*** The En
 _BLANK_RUNS = re.compile(r"\n{3,}")
 
 
+# Modules a process-isolated TextWorld worker needs: imported once by the forkserver the workers are forked from
+# (`HostEnvPool(..., preload=PRELOAD)`), so that a worker starts in milliseconds instead of importing TextWorld.
+PRELOAD = (__name__, "textworld")
+
 _TEXTWORLD_LOCK = threading.Lock()
 
 def _textworld():
@@ -235,7 +239,8 @@ class TextWorldEnv:
     game_file = self.game_files[int(seed) % len(self.game_files)]
     # Loading a game parses its logic with TextWorld's grammar parser (tatsu), which is not thread-safe, and the
     # interpreter (Jericho's libfrotz) crashed the process when several games stepped at once from a thread pool:
-    # every call into TextWorld takes one process-wide lock. Games answer in milliseconds, so little is lost.
+    # every call into TextWorld takes one process-wide lock. Games answer in milliseconds, so little is lost; a
+    # process-isolated pool (HostEnvPool(isolation="process")) gives every env a process, and so a lock, of its own.
     with _TEXTWORLD_LOCK:
       if self._env is None or game_file != self.game_file:
         self.close()
