@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test notebooks bench lock clean
+.PHONY: demo test notebooks drills bench lock clean
 
 $(STAMP): setup.py constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,16 @@ test: $(STAMP)
 notebooks: $(STAMP)
 	$(PY) -m pytest -n 2 notebooks/test_notebooks.py
 
+# The reliability drills at their full counts (the suite runs small counts of each): kill/resume, poison, corrupt
+# inputs, disk full, fuzzing every JAX env, crashing and hanging host envs in worker processes. Each prints its figure.
+drills: $(STAMP)
+	$(PY) -m drills.kill --kills 20
+	$(PY) -m drills.poison
+	$(PY) -m drills.corrupt
+	$(PY) -m drills.disk
+	$(PY) -m drills.fuzz --sequences 10000
+	$(PY) -m drills.host_isolation
+
 bench: $(STAMP)
 	$(PY) -m benchmarks.credit
 	$(PY) -m benchmarks.generate
@@ -37,6 +47,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.iteration_parts
 	$(PY) -m benchmarks.attention
 	$(PY) -m benchmarks.host_train
+	$(PY) -m benchmarks.host_envs --search-qa
 
 # Re-pin constraints.txt from what is installed in .venv.
 lock: $(STAMP)

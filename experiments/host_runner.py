@@ -47,6 +47,7 @@ from stepjax import rollout as rollout_lib
 from stepjax import train
 from stepjax.envs.host import ISOLATIONS, HostEnvPool, make_chat_env
 from stepjax.models.transformer import Transformer
+from stepjax.train import checkpoint as checkpoint_lib
 from stepjax.train.state import default_sharding
 from stepjax.train.loop import host_rollout_metrics
 
@@ -289,9 +290,11 @@ def run(setup: runner.Setup, workdir: str, *, resume: bool, sft_params: Any, pri
   if resume:
     if not os.path.isdir(checkpoint_dir):
       raise FileNotFoundError(f"checkpoint.directory: {checkpoint_dir} does not exist (nothing to resume)")
-    extras = {seed: train.checkpoint_metadata(seed_dirs[seed]) for seed in seeds}  # raises when one is missing
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json(indent=1))
+    for seed in seeds:
+      checkpoint_lib.checkpoint_steps(seed_dirs[seed])  # raises when a seed has no complete checkpoint
+  else:
+    runner._start_over(workdir, checkpoint_dir)
+  runner._write_text(os.path.join(workdir, "config.json"), config.to_json(indent=1))
   programs = _programs(setup)
   keys = {seed: jax.random.fold_in(jax.random.key(seed), 1) for seed in seeds}
   # On the state's device, like the training rollout's key (split off the state's): the sampled evaluation then
@@ -299,12 +302,13 @@ def run(setup: runner.Setup, workdir: str, *, resume: bool, sft_params: Any, pri
   eval_key = jax.device_put(jax.random.key(t.eval_seed), default_sharding())
 
   if resume:
-    done = {seed: int(extras[seed]["iteration"]) for seed in seeds}
+    # Each seed's newest usable checkpoint (a damaged newer one is named and set aside, so `_seed` restores this one).
+    done = {seed: checkpoint_lib.restore_usable_checkpoint(
+                      seed_dirs[seed], jax.eval_shape(programs["init"], keys[seed], None), print_fn=print_fn)[1]
+            for seed in seeds}
     for log_name in ("metrics.jsonl", "eval.jsonl"):
       runner._cut_jsonl(os.path.join(workdir, log_name), lambda line: line["iteration"] <= done[line["seed"]])
   else:
-    for log_name in ("sft.jsonl", "metrics.jsonl", "eval.jsonl"):
-      open(os.path.join(workdir, log_name), "w").close()
     if sft_params is None:
       sft_params = runner.warm_start(setup, progress=config.log.progress,
                                      log=lambda line: runner._append_jsonl(os.path.join(workdir, "sft.jsonl"), line))
@@ -315,8 +319,7 @@ def run(setup: runner.Setup, workdir: str, *, resume: bool, sft_params: Any, pri
       manager = train.make_checkpoint_manager(seed_dirs[seed], max_to_keep=t.keep_checkpoints)
       train.save_checkpoint(manager, programs["init"](keys[seed], start), 0,
                             {"iteration": 0, "env_steps": 0, "name": name, "seed": seed})
-      manager.wait_until_finished()
-      manager.close()
+      checkpoint_lib.finish_saves(manager)
     done = {seed: 0 for seed in seeds}
 
   logger = runner.Logger(workdir, seeds, t.iterations * len(seeds), sum(done.values()),
@@ -329,8 +332,7 @@ def run(setup: runner.Setup, workdir: str, *, resume: bool, sft_params: Any, pri
       try:
         state = _seed(programs, setup, seed, keys[seed], eval_key, manager, logger, evaluated)
       finally:
-        manager.wait_until_finished()
-        manager.close()
+        checkpoint_lib.finish_saves(manager)
       states.append(state)
   finally:
     logger.close()

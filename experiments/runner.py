@@ -14,8 +14,12 @@ field first: a wrong name or an impossible size is one ValueError line naming th
   logs    workdir/metrics.jsonl (one line per iteration and seed), eval.jsonl, sft.jsonl, TensorBoard event files
           under workdir/tb/seed<k> (tensorboardX, no TensorFlow), a progress bar, and a summary table at the end;
   ckpt    an orbax checkpoint of the stacked TrainState every `checkpoint_every` evaluations (asynchronous,
-          keep-last-k, atomic). `run(..., resume=True)` restores the latest complete one, cuts the logs back to it and
-          continues bit-identically (same compiled chunk, same keys: everything random lives in the state).
+          keep-last-k, atomic). `run(..., resume=True)` restores the newest complete and readable one (a damaged newer
+          one is named and set aside), cuts the logs back to it (a line torn by a kill is dropped) and continues
+          bit-identically (same compiled chunk, same keys: everything random lives in the state). A run without
+          resume starts over: an earlier run's checkpoints, logs and TensorBoard files in the workdir go.
+  failure a checkpoint or log that cannot be written (full or read-only disk) stops the run with one OSError line; the
+          previous checkpoint stays intact (`drills/kill.py` and `drills/disk.py` exercise this).
 
 `run` on a host environment (search_qa, textworld) hands over to `experiments.host_runner`: the same config, logs,
 checkpoints and resume, with the seeds one after another.
@@ -27,6 +31,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import time
 from typing import Any, Callable
 
@@ -47,7 +52,9 @@ from stepjax.envs import grid_nav, lookup_qa, textworld_lite
 from stepjax.models import hf
 from stepjax.models.transformer import PRESETS, ModelConfig, get_config
 from stepjax.models.value import ValueConfig
-from stepjax.tokenizers import BYTE_SPEC, TOKENIZER_FILE_NAME, ByteTokenizer, WordTokenizer, load_tokenizer
+from stepjax.train import checkpoint as checkpoint_lib
+from stepjax.tokenizers import (BYTE_SPEC, TOKENIZER_FILE_NAME, ByteTokenizer, WordTokenizer, load_tokenizer,
+                                read_tokenizer_file)
 
 JAX_ENVS = ("lookup_qa", "textworld_lite", "grid_nav")
 HOST_ENVS = ("search_qa", "textworld")
@@ -133,9 +140,7 @@ def _check_role_tokens(spec: str, names: dict[str, tuple[str | None, str]], temp
   path = os.path.join(spec, TOKENIZER_FILE_NAME) if os.path.isdir(spec) else spec
   if not os.path.isfile(path):
     return  # load_tokenizer names the missing file
-  from tokenizers import Tokenizer as LibraryTokenizer  # noqa: PLC0415 (only for a tokenizer.json)
-
-  vocabulary = LibraryTokenizer.from_file(path)
+  vocabulary = read_tokenizer_file(path)  # a file that does not load is one line naming it
   for role, (name, field) in names.items():
     if name is None or vocabulary.token_to_id(name) is not None:
       continue
@@ -200,12 +205,16 @@ def _jax_env(config, tokenizer):
                                think_wording=e.think_wording)
       if not 1 <= e.hops <= e.max_hops:
         checks.fail("hops", f"must be in [1, env.max_hops={e.max_hops}], got {e.hops!r}")
-      params = env.default_params().replace(hops=e.hops, max_steps=r.max_steps, invalid_penalty=e.invalid_penalty)
-    elif e.name == "textworld_lite":
+      checks.check_number(e.expert_slip, "expert_slip", lambda v: 0 <= v <= 1, "in [0, 1]")
+      params = env.default_params().replace(hops=e.hops, max_steps=r.max_steps, invalid_penalty=e.invalid_penalty,
+                                            expert_slip=float(e.expert_slip))
+    elif e.expert_slip:
+      checks.fail("expert_slip", f"only lookup_qa has an imperfect expert; {e.name} takes 0.0, got {e.expert_slip!r}")
+    if e.name == "textworld_lite":
       env = textworld_lite.TextWorldLite(tokenizer, num_rooms=e.num_rooms, max_action_len=r.max_action_len,
                                          step_format=e.step_format)
       params = env.default_params().replace(max_steps=r.max_steps)
-    else:
+    elif e.name == "grid_nav":
       env = grid_nav.GridNav(tokenizer, max_size=e.size, max_action_len=r.max_action_len, step_format=e.step_format)
       params = env.default_params().replace(size=e.size, max_steps=r.max_steps, invalid_penalty=e.invalid_penalty)
   return env, params
@@ -216,7 +225,10 @@ def _model_config(config, tokenizer) -> tuple[ModelConfig, dict | None]:
   if m.checkpoint:
     if not os.path.isdir(m.checkpoint):
       checks.fail("model.checkpoint", f"{m.checkpoint} is not a directory (a Hugging Face safetensors checkpoint)")
-    model_config, params = hf.load_hf_checkpoint(m.checkpoint)
+    try:
+      model_config, params = hf.load_hf_checkpoint(m.checkpoint)
+    except ValueError as error:  # a damaged file: one line naming it
+      checks.fail("model.checkpoint", str(error))
     with checks.section("model"):
       model_config = model_config.replace(attention_block=m.attention_block).validate()
     if model_config.vocab_size < tokenizer.vocab_size:
@@ -325,40 +337,92 @@ def build(config: ml_collections.ConfigDict) -> Setup:
 # ------------------------------------------------------------------------------------------------------
 
 
-def _read_jsonl(path: str) -> list[dict]:
+LOGS = ("sft.jsonl", "metrics.jsonl", "eval.jsonl")
+
+
+class LogWriteError(OSError):
+  """A log file could not be written (a full or read-only disk); the message is one line naming it."""
+
+
+def _read_jsonl(path: str, *, torn_tail: bool = False) -> list[dict]:
+  """The lines of a JSONL log. torn_tail: a last line cut short by a kill or a full disk (no newline, not JSON) is
+  dropped. Any other line that is not JSON is one ValueError line naming the file and the line."""
   if not os.path.exists(path):
     return []
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    text = f.read()
+  pieces = text.split("\n")
+  lines = []
+  for number, piece in enumerate(pieces, 1):
+    if not piece.strip():
+      continue
+    try:
+      lines.append(json.loads(piece))
+    except json.JSONDecodeError as error:
+      if torn_tail and number == len(pieces):  # the last piece has no newline: a write that was cut short
+        continue
+      checks.fail("log", f"{path} line {number} is not JSON ({error.msg}); allowed: one JSON object per line, "
+                  "only the last one cut short (and only on resume)")
+  return lines
+
+
+def _write_text(path: str, text: str) -> None:
+  """Writes (and replaces) `path` atomically: a kill leaves the old file or the new one, never a part."""
+  partial = path + ".partial"
+  try:
+    with open(partial, "w") as f:
+      f.write(text)
+    os.replace(partial, path)
+  except OSError as error:
+    if os.path.exists(partial):
+      os.remove(partial)
+    raise LogWriteError(f"log: cannot write to {path}: {error.strerror or error}") from None
 
 
 def _cut_jsonl(path: str, keep: Callable[[dict], bool]) -> list[dict]:
-  """Rewrites a JSONL file with only the lines `keep` accepts (a resumed run drops what came after its checkpoint)."""
-  lines = [line for line in _read_jsonl(path) if keep(line)]
-  with open(path, "w") as f:
-    f.writelines(json.dumps(line) + "\n" for line in lines)
+  """Rewrites a JSONL file with only the lines `keep` accepts (a resumed run drops what came after its checkpoint,
+  and a last line torn by a kill), atomically: a kill during the cut leaves the file as it was."""
+  lines = [line for line in _read_jsonl(path, torn_tail=True) if keep(line)]
+  _write_text(path, "".join(json.dumps(line) + "\n" for line in lines))
   return lines
+
+
+def _log_gaps(metrics: list[dict], evals: list[dict], seeds, iteration: int, eval_every: int) -> str:
+  """'' when the cut logs hold exactly one line per iteration (metrics) / evaluation (eval) and seed up to
+  `iteration`, else what is missing or repeated."""
+  problems = []
+  for name, lines, expected in (("metrics.jsonl", metrics, range(1, iteration + 1)),
+                                ("eval.jsonl", evals, range(0, iteration + 1, eval_every))):
+    found = sorted((line["iteration"], line["seed"]) for line in lines)
+    wanted = sorted((i, seed) for i in expected for seed in seeds)
+    if found != wanted:
+      missing, repeated = sorted(set(wanted) - set(found)), len(found) - len(set(found))
+      problems.append(f"{name} has {len(found)} lines for {len(wanted)} (iteration, seed) pairs"
+                      + (f", first missing {missing[0]}" if missing else "") + (f", {repeated} repeated" if repeated
+                                                                                 else ""))
+  return "; ".join(problems)
 
 
 class Logger:
   """JSONL files, TensorBoard event files (one writer per seed) and the progress bar."""
 
   def __init__(self, workdir: str, seeds: tuple[int, ...], total: int, initial: int, *, tensorboard: bool,
-               progress: bool, description: str):
+               progress: bool, description: str, purge_step: int | None = None):
     self.workdir, self.seeds = workdir, seeds
     self.writers = {}
     if tensorboard:
       from tensorboardX import SummaryWriter  # writes event files without TensorFlow
 
-      self.writers = {seed: SummaryWriter(os.path.join(workdir, "tb", f"seed{seed}")) for seed in seeds}
+      # A resume hides the events a killed run wrote after its checkpoint (steps >= purge_step).
+      self.writers = {seed: SummaryWriter(os.path.join(workdir, "tb", f"seed{seed}"), purge_step=purge_step)
+                      for seed in seeds}
     from tqdm import tqdm
 
     self.bar = tqdm(total=total, initial=initial, desc=description, disable=not progress, dynamic_ncols=True,
                     unit="it")
 
   def jsonl(self, name: str, lines: list[dict]) -> None:
-    with open(os.path.join(self.workdir, name), "a") as f:
-      f.writelines(json.dumps(line) + "\n" for line in lines)
+    _append_jsonl(os.path.join(self.workdir, name), *lines)
 
   def scalars(self, prefix: str, seed: int, step: int, values: dict) -> None:
     writer = self.writers.get(seed)
@@ -459,6 +523,7 @@ def warm_start(setup: Setup, *, progress: bool = True, log: Callable[[dict], Non
       if log is not None:
         log({"step": done - length + k + 1, **{name: float(np.mean(value[:, k])) for name, value in metrics.items()}})
     bar.update(length)
+    train.check_halt(metrics, config.train.halt_on_nonfinite, field="sft", flag="train.halt_on_nonfinite")
     bar.set_postfix(nll=f"{float(np.mean(metrics['nll'][:, -1])):.3f}",
                     acc=f"{float(np.mean(metrics['token_accuracy'][:, -1])):.3f}")
 
@@ -496,8 +561,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, resume: bool = False
   "state": the final TrainState (stacked over seeds; a tuple of per-seed states for a host environment)}.
 
   sft_params: a warm start computed elsewhere (an ablation shares one per seed across methods); None runs the
-  configured SFT. resume: continue from the latest complete checkpoint in workdir/checkpoints (a missing or empty
-  directory is a one-line FileNotFoundError, raised before anything compiles).
+  configured SFT. resume: continue from the newest usable checkpoint in workdir/checkpoints (a missing or empty
+  directory, or no readable checkpoint, is a one-line FileNotFoundError, raised before anything compiles); without
+  it the run starts over in workdir (`_start_over`).
   """
   setup = build(config) if setup is None else setup
   if setup.host is not None:
@@ -511,16 +577,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, resume: bool = False
   if resume:
     if not os.path.isdir(checkpoint_dir):
       raise FileNotFoundError(f"checkpoint.directory: {checkpoint_dir} does not exist (nothing to resume)")
-    extra = train.checkpoint_metadata(checkpoint_dir)  # raises when no complete checkpoint is there
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json(indent=1))
+    checkpoint_lib.checkpoint_steps(checkpoint_dir)  # raises when no complete checkpoint is there
+  else:
+    _start_over(workdir, checkpoint_dir)
+  _write_text(os.path.join(workdir, "config.json"), config.to_json(indent=1))
 
   seeds = setup.seeds
   keys = jnp.stack([jax.random.fold_in(jax.random.key(seed), 1) for seed in seeds])
   eval_key = jax.random.key(t.eval_seed)
-  if not resume:
-    for log_name in ("sft.jsonl", "metrics.jsonl", "eval.jsonl"):
-      open(os.path.join(workdir, log_name), "w").close()
   if not resume and sft_params is None:
     sft_params = warm_start(setup, progress=config.log.progress,
                                 log=lambda line: _append_jsonl(os.path.join(workdir, "sft.jsonl"), line))
@@ -530,17 +594,24 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, resume: bool = False
   if resume:
     # The warm start is inside the checkpoint; a random init has the same shapes.
     abstract = jax.eval_shape(programs["init"], keys, None)
-    state, iteration = train.restore_checkpoint(checkpoint_dir, abstract)
+    state, iteration, extra = checkpoint_lib.restore_usable_checkpoint(checkpoint_dir, abstract, print_fn=print_fn)
     env_steps = np.asarray(extra["env_steps"], np.int64)
-    _cut_jsonl(os.path.join(workdir, "metrics.jsonl"), lambda line: line["iteration"] <= iteration)
-    _cut_jsonl(os.path.join(workdir, "eval.jsonl"), lambda line: line["iteration"] <= iteration)
+    metrics = _cut_jsonl(os.path.join(workdir, "metrics.jsonl"), lambda line: line["iteration"] <= iteration)
+    evals = _cut_jsonl(os.path.join(workdir, "eval.jsonl"), lambda line: line["iteration"] <= iteration)
+    gaps = _log_gaps(metrics, evals, seeds, iteration, t.eval_every)
+    if gaps:
+      print_fn(f"resume: the logs in {workdir} do not match checkpoint {iteration}: {gaps}")
   else:
     state = programs["init"](keys, sft_params)
     iteration, env_steps = 0, np.zeros(len(seeds), np.int64)
 
   logger = Logger(workdir, seeds, t.iterations, iteration, tensorboard=config.log.tensorboard,
-                  progress=config.log.progress, description=name)
-  manager = train.make_checkpoint_manager(checkpoint_dir, max_to_keep=t.keep_checkpoints)
+                  progress=config.log.progress, description=name, purge_step=iteration + 1 if resume else None)
+  try:
+    manager = train.make_checkpoint_manager(checkpoint_dir, max_to_keep=t.keep_checkpoints)
+  except BaseException:
+    logger.close()
+    raise
   try:
     if not resume:
       _evaluate(programs, state, setup, eval_key, iteration, env_steps, logger)
@@ -570,8 +641,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, resume: bool = False
                                  "(train.halt_on_nonfinite=True)")
       evaluation = _evaluate(programs, state, setup, eval_key, iteration, env_steps, logger)
       if chunks_done % t.checkpoint_every == 0 or iteration == t.iterations:
-        train.save_checkpoint(manager, state, iteration, {"iteration": iteration, "env_steps": env_steps.tolist(),
-                                                          "name": name})
+        started = train.save_checkpoint(manager, state, iteration, {"iteration": iteration,
+                                                                    "env_steps": env_steps.tolist(), "name": name})
+        if not started:  # orbax skips a step at or below one already in the directory: never resume into that
+          raise checkpoint_lib.CheckpointWriteError(
+              f"checkpoint: step {iteration} was not saved: {checkpoint_dir} already holds a later checkpoint")
       logger.bar.update(t.eval_every)
       logger.bar.set_postfix(success=f"{metrics['success_rate'][:, -1].mean():.3f}",
                              ret=f"{metrics['return_mean'][:, -1].mean():.3f}",
@@ -581,9 +655,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, resume: bool = False
                              steps_s=f"{agent_steps / elapsed:.0f}",
                              tok_s=f"{metrics['action_tokens'].sum() / elapsed:.0f}")
   finally:
-    manager.wait_until_finished()
-    manager.close()
-    logger.close()
+    try:
+      checkpoint_lib.finish_saves(manager)  # a failed asynchronous save is one CheckpointWriteError line
+    finally:
+      logger.close()
 
   eval_lines = _read_jsonl(os.path.join(workdir, "eval.jsonl"))
   records = records_from_eval(name, eval_lines)
@@ -592,9 +667,41 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, resume: bool = False
           "table": table, "state": state}
 
 
-def _append_jsonl(path: str, line: dict) -> None:
-  with open(path, "a") as f:
-    f.write(json.dumps(line) + "\n")
+def _append_jsonl(path: str, *lines: dict) -> None:
+  """Appends lines to a JSONL log; a failed write (a full disk) is one LogWriteError line (a torn last line that
+  it may leave is dropped by the next resume)."""
+  try:
+    with open(path, "a") as f:
+      f.writelines(json.dumps(line) + "\n" for line in lines)
+  except OSError as error:
+    raise LogWriteError(f"log: cannot write to {path}: {error.strerror or error}") from None
+
+
+def _start_over(workdir: str, checkpoint_dir: str) -> None:
+  """A run without resume in a used workdir starts over. An earlier (killed) run's checkpoints go first, else orbax
+  would skip saving the steps the old run reached and a later resume would restore the old run: each step directory
+  is renamed aside in one step, then deleted (a kill leaves only complete steps), and the directory itself stays (it
+  may be a mount or a link). Only then the logs are emptied, so a kill in between leaves the old run resumable."""
+  if os.path.isdir(checkpoint_dir):
+    for name in os.listdir(checkpoint_dir):
+      if name.isdigit():
+        aside = os.path.join(checkpoint_dir, name + ".discarded")
+        shutil.rmtree(aside, ignore_errors=True)  # left by a start-over that was killed
+        os.replace(os.path.join(checkpoint_dir, name), aside)
+    _empty_dir(checkpoint_dir)
+  _empty_dir(os.path.join(workdir, "tb"))
+  for log_name in LOGS:
+    _write_text(os.path.join(workdir, log_name), "")
+
+
+def _empty_dir(path: str) -> None:
+  if os.path.isdir(path):
+    for name in os.listdir(path):
+      entry = os.path.join(path, name)
+      if os.path.isdir(entry) and not os.path.islink(entry):
+        shutil.rmtree(entry)
+      else:
+        os.remove(entry)
 
 
 def _is_stacked(params: dict, setup: Setup) -> bool:

@@ -151,6 +151,12 @@ def test_run_sft_rl_eval_logs_and_resume(tmp_path, data):
   for a, b in zip(jax.tree.leaves(straight["state"]), jax.tree.leaves(resumed["state"])):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
+  # A plain rerun in the used workdir starts over: the old run's checkpoint 2 goes (orbax would otherwise skip saving
+  # steps 0 and 1 below it, and a resume would restore the old run's state).
+  runner.run(first, str(tmp_path / "b"), print_fn=quiet)
+  assert sorted(os.listdir(tmp_path / "b" / "checkpoints" / "seed0")) == ["0", "1"]
+  assert [line["iteration"] for line in _lines(tmp_path / "b" / "eval.jsonl")] == [0, 1]
+
 
 def test_resume_without_checkpoint_is_one_line(tmp_path, data):
   with pytest.raises(FileNotFoundError, match=r"^checkpoint\.directory: .* does not exist"):
