@@ -257,6 +257,46 @@ def test_think_text_carries_the_decision(wording):
       assert tokens[:-1].tolist() == THINK_TOKENIZER.encode(text)  # fragments compose to the text's own tokens
 
 
+def _action_text(run, b: int, t: int) -> str:
+  tokens = np.asarray(run["action"][b, t, :run["action_len"][b, t]])
+  assert tokens[-1] == THINK_TOKENIZER.end_of_step_id
+  return THINK_TOKENIZER.decode(tokens[:-1])
+
+
+@pytest.mark.parametrize("slip", [1.0, 0.5])
+def test_imperfect_expert_misreads_author_as_city(slip):
+  """expert_slip: on a question whose last relation is "author" the expert answers, with that probability, the
+  value of the "city" fact of the same line, and its think span restates that misread fact; every other question,
+  and every search, is the perfect expert's (a reference built from the episode's facts, 128 episodes)."""
+  hops = 2
+  run = FACT_ROLLOUT(KEYS, params(hops=hops, expert_slip=slip), EXPERT)
+  author_questions = misread_answers = 0
+  for b in range(NUM_EPISODES):
+    state, _, _ = FACT_ENV.reset(jax.random.split(KEYS[b], 3)[0], params(hops=hops))  # the runner's reset key
+    chain, path, facts = (np.asarray(x) for x in (state.chain, state.path, state.facts))
+    for t in range(hops):
+      assert _action_text(run, b, t).endswith(f"</think>search {NAMES[chain[t]]}")
+
+    def answer_step(relation: str, value: int) -> str:
+      name = NAMES[value]
+      return f"<think>{NAMES[chain[hops - 1]]} has {relation} {name}; the answer is {name}</think>answer {name}"
+
+    text = _action_text(run, b, hops)
+    misread = facts[chain[hops - 1], RELATIONS.index("city")]
+    if RELATIONS[path[hops - 1]] == "author":
+      author_questions += 1
+      if text == answer_step("city", misread):
+        misread_answers += 1
+        assert run["success"][b].any() == (misread == chain[hops])
+        continue
+    assert text == answer_step(RELATIONS[path[hops - 1]], chain[hops]) and run["success"][b].any()
+  assert author_questions >= 20  # about a quarter of the questions end in "author"
+  if slip == 1.0:
+    assert misread_answers == author_questions
+  else:
+    assert 0.25 * author_questions <= misread_answers <= 0.75 * author_questions
+
+
 def test_think_format_expert_succeeds_and_plain_commands_are_invalid():
   run = THINK_ROLLOUT(KEYS, params(hops=3), EXPERT)
   assert run["success"].any(axis=1).all()

@@ -90,6 +90,7 @@ def test_one_hop_regime_is_the_first_release_main_job():
     ("algo.minibatches", 3, r"^update\.minibatches: 3 does not divide the batch size 32"),
     ("env.name", "atari", r"^env\.name: unknown 'atari'; allowed: lookup_qa, textworld_lite, grid_nav"),
     ("env.hops", 3, r"^env\.hops: must be in \[1, env\.max_hops=2\], got 3"),
+    ("env.expert_slip", 1.5, r"^env\.expert_slip: must be in \[0, 1\]"),
     ("model.preset", "gpt5", r"^model\.preset: unknown 'gpt5'; allowed: " + ", ".join(PRESETS) + r" \(or model"),
     ("model.checkpoint", "/nonexistent/ckpt", r"^model\.checkpoint: /nonexistent/ckpt is not a directory"),
     ("tokenizer", "gpt2", r"^tokenizer: 'gpt2' is not allowed"),

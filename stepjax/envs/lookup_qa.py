@@ -57,6 +57,9 @@ RELATIONS = ("mentor", "city", "rival", "author")
 STEP_FORMATS = ("plain", "think")
 THINK_WORDINGS = ("question", "fact")
 SUCCESS_REWARD = 1.0
+# The imperfect expert's one systematic slip (`LookupQAParams.expert_slip`): the relation it misreads, and the one it
+# reads instead, when it answers.
+SLIP = (RELATIONS.index("author"), RELATIONS.index("city"))
 
 INTRO_TEXT = "Answer with: search <name>, answer <name>.\n"
 INVALID_TEXT = "Invalid action. Use: search <name> or answer <name>.\n> "
@@ -88,11 +91,14 @@ def vocabulary() -> tuple[str, ...]:
 class LookupQAParams:
   """Traced per-run settings. `hops` is the difficulty knob (clipped to [1, max_hops]); `max_steps` truncates;
   `invalid_penalty` is added for an action that spells no command (0.0 keeps the reward sparse; e.g. -0.1 shapes
-  the command format)."""
+  the command format). `expert_slip` makes the scripted expert imperfect in one systematic way: answering a
+  question whose last relation is "author", it reads the "city" fact instead with this probability (SLIP), so
+  demonstrations leave room for RL that a perfect expert's do not (0.0: the perfect expert)."""
 
   hops: int = 2
   max_steps: int = 8
   invalid_penalty: float = 0.0
+  expert_slip: float = 0.0
 
 
 @struct.dataclass
@@ -241,15 +247,16 @@ class LookupQA(Environment):
     answer = fact + [t["; the answer is "], name, t["</think>"]]
     return first, middle, answer
 
-  def _think_slots(self, state: LookupQAState, hop: Array) -> Array:
-    """The expert's think section at chain position `hop` (searching chain[hop], or answering when hop == hops)
-    -> [num_think_slots] fragment indices (-1 = nothing)."""
+  def _think_slots(self, state: LookupQAState, hop: Array, slip: Array) -> Array:
+    """The expert's think section at chain position `hop` (searching chain[hop], or answering when hop == hops;
+    `slip`: the answer restates the misread fact, SLIP) -> [num_think_slots] fragment indices (-1 = nothing)."""
     last = self.max_hops - 1
     name = lambda e: self._name0 + state.chain[e]  # noqa: E731
     relation = lambda r: self._relation0 + state.path[jnp.clip(r, 0, last)]  # noqa: E731
     before = jnp.maximum(hop - 1, 0)
-    layouts = self._think_slot_layouts(name(0), relation(0), name(before), relation(before), name(hop),
-                                       relation(hop))
+    read = jnp.where(slip, self._relation0 + SLIP[1], relation(before))
+    value = jnp.where(slip, self._name0 + state.facts[state.chain[before], SLIP[1]], name(hop))
+    layouts = self._think_slot_layouts(name(0), relation(0), name(before), read, value, relation(hop))
     first, middle, answer = (jnp.asarray(slots + [-1] * (self._num_think_slots - len(slots)), jnp.int32)
                              for slots in layouts)
     return jnp.where(hop == 0, first, jnp.where(hop >= state.hops, answer, middle))
@@ -308,18 +315,23 @@ class LookupQA(Environment):
     return next_state, obs, obs_len, reward, terminated, StepInfo(parsed, correct)
 
   def expert_action(self, key: Array, state: LookupQAState, params: LookupQAParams) -> tuple[Array, Array]:
-    """Search the first chain entity not searched yet, in chain order; answer once all of them are.
+    """Search the first chain entity not searched yet, in chain order; answer once all of them are (with
+    `params.expert_slip`, a question ending in "author" is answered from the "city" fact with that probability).
     -> (tokens [max_action_len] int32, length)."""
-    del key, params
     on_path = jnp.arange(self.max_hops) < state.hops
     to_search = on_path & ~state.searched[state.chain[:self.max_hops]]
     searching = jnp.any(to_search)
     hop = jnp.where(searching, jnp.argmax(to_search), state.hops)
-    command = jnp.where(searching, state.chain[hop], self.num_entities + state.chain[state.hops])
+    last = state.chain[jnp.clip(state.hops - 1, 0, self.max_hops - 1)]
+    uniform = (jax.random.bits(key, (), jnp.uint32) >> 8).astype(jnp.float32) / (1 << 24)  # in [0, 1)
+    slip = (~searching & (state.path[jnp.clip(state.hops - 1, 0, self.max_hops - 1)] == SLIP[0])
+            & (uniform < params.expert_slip))
+    answer = jnp.where(slip, state.facts[last, SLIP[1]], state.chain[state.hops])
+    command = jnp.where(searching, state.chain[hop], self.num_entities + answer)
     eos = self.tokenizer.end_of_step_id
     if self.step_format == "plain":
       return self.commands.encode(command, self.max_action_len, eos)
-    think = self.fragments.compose(self._think_slots(state, hop), self._max_think_len)
+    think = self.fragments.compose(self._think_slots(state, hop, slip), self._max_think_len)
     return self.commands.encode(command, self.max_action_len, eos, prefix=think)
 
   def question_text(self, state: LookupQAState) -> str:
