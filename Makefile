@@ -22,7 +22,7 @@ demo: $(STAMP)
 # Two workers (one per core); whole files per worker so each file's compiled functions are reused. tests/conftest.py
 # gives every run 8 fake CPU devices for the mesh tests.
 test: $(STAMP)
-	$(PY) -m pytest -n 2 --dist loadfile tests
+	$(PY) -m pytest -n 2 --dist loadfile -m 'not drill' tests
 
 # Executes every notebook in notebooks/ at its CI size (STEPJAX_NOTEBOOK_SIZE=ci) and checks each .ipynb against its
 # jupytext .py source and its committed plots; not part of `make test` (that suite has its own time budget).
@@ -32,6 +32,7 @@ notebooks: $(STAMP)
 # The reliability drills at their full counts (the suite runs small counts of each): kill/resume, poison, corrupt
 # inputs, disk full, fuzzing every JAX env, crashing and hanging host envs in worker processes. Each prints its figure.
 drills: $(STAMP)
+	$(PY) -m pytest -n 2 --dist loadfile -m drill tests
 	$(PY) -m drills.kill --kills 20
 	$(PY) -m drills.poison
 	$(PY) -m drills.corrupt

@@ -227,8 +227,8 @@ def _model_config(config, tokenizer) -> tuple[ModelConfig, dict | None]:
       checks.fail("model.checkpoint", f"{m.checkpoint} is not a directory (a Hugging Face safetensors checkpoint)")
     try:
       model_config, params = hf.load_hf_checkpoint(m.checkpoint)
-    except ValueError as error:  # a damaged file: one line naming it
-      checks.fail("model.checkpoint", str(error))
+    except ValueError as error:  # a damaged file: one line naming the field and the file
+      raise ValueError(f"model.checkpoint: {error}") from None
     with checks.section("model"):
       model_config = model_config.replace(attention_block=m.attention_block).validate()
     if model_config.vocab_size < tokenizer.vocab_size:

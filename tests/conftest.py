@@ -4,9 +4,12 @@ the mesh tests run instead of skipping. This runs before any test module imports
 import os
 
 _FLAG = "--xla_force_host_platform_device_count=8"
+# The suite is mostly XLA compilation of small programs: LLVM's cheapest code generation compiles them faster (the
+# same HLO and XLA passes; only the machine code is less optimized). Set XLA_FLAGS yourself to test at full level.
+_FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG + " " + _FAST_COMPILE).strip()
 
 import jax  # noqa: E402  (after the flag)
 import pytest  # noqa: E402

@@ -1,7 +1,6 @@
 """Damaged checkpoints: a resume takes the newest checkpoint that reads back whole, names the damaged newer ones and
 sets them aside; with none usable it is one line naming the directory."""
 
-import json
 import os
 
 import jax
@@ -9,8 +8,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from drills import kill
-from experiments import runner
 from stepjax import train
 from stepjax.train import checkpoint as checkpoint_lib
 
@@ -99,34 +96,3 @@ def test_no_usable_checkpoint_is_one_line_naming_the_directory(tmp_path):
   assert message.startswith(f"checkpoint.directory: {tmp_path} holds no usable checkpoint (checkpoint 2: ")
   assert "; checkpoint 1: " in message and "\n" not in message and len(message) < 800
   assert sorted(os.listdir(tmp_path)) == ["1", "2"]  # nothing set aside when nothing is usable
-
-
-def _lines(path):
-  with open(path) as f:
-    return [{k: v for k, v in json.loads(line).items() if k not in runner.TIMING_KEYS} for line in f]
-
-
-def test_resumed_run_from_a_damaged_checkpoint_ends_like_an_uninterrupted_run(tmp_path):
-  """4 iterations straight; then checkpoint 4 damaged and --resume (from 3), then 4 and 3 damaged and --resume (from
-  2): each time the same final TrainState, metrics and evaluations as the straight run."""
-  workdir, checkpoints = str(tmp_path), tmp_path / "checkpoints"
-  straight = runner.run(kill.make_config(iterations=4), workdir, print_fn=lambda _: None)
-  logs = {name: _lines(tmp_path / name) for name in ("metrics.jsonl", "eval.jsonl")}
-  assert sorted(os.listdir(checkpoints)) == ["2", "3", "4"] and len(logs["metrics.jsonl"]) == 4
-  for damages, resumed_from in (([_delete], 3), ([_truncate, _delete], 2)):
-    for step, damage in zip((4, 3), damages):
-      damage(_largest_file(checkpoints / str(step)))
-    printed = []
-    resumed = runner.run(kill.make_config(iterations=4), workdir, resume=True, print_fn=printed.append)
-    assert printed[0].startswith("resume: checkpoint 4 is damaged (")
-    assert printed[0].endswith(f"; resuming from checkpoint {resumed_from}")
-    assert not any(line.startswith("resume: the logs") for line in printed)  # cut back without gaps
-    _assert_equal(straight["state"], resumed["state"])
-    assert {name: _lines(tmp_path / name) for name in logs} == logs
-    assert sorted(d for d in os.listdir(checkpoints) if d.isdigit()) == ["2", "3", "4"]
-  # A plain rerun (no resume) in this workdir starts over: the old checkpoints (and the set-aside ones) go first;
-  # before, orbax skipped saving steps 1 and 2 below the old run's 4, and a resume then restored the old run's 4.
-  runner.run(kill.make_config(iterations=2), workdir, print_fn=lambda _: None)
-  assert sorted(os.listdir(checkpoints)) == ["1", "2"]
-  assert checkpoint_lib.checkpoint_steps(checkpoints) == [1, 2] and len(_lines(tmp_path / "metrics.jsonl")) == 2
-  assert train.checkpoint_metadata(checkpoints)["iteration"] == 2

@@ -23,6 +23,9 @@ from experiments import runner
 from stepjax import train
 from stepjax.train import checkpoint as checkpoint_lib
 
+# Subprocess runs of train.py: too slow for the suite's 10 minutes, run by `make drills` (CI's drills step).
+pytestmark = pytest.mark.drill
+
 NO_SPACE = os.strerror(errno.ENOSPC)
 
 

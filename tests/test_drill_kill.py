@@ -2,7 +2,12 @@
 orbax writes one and right after a log line (leaving a torn line), resume each time; logs and the final TrainState must
 equal an uninterrupted run's bit for bit."""
 
+import pytest
+
 from drills import kill
+
+# Subprocess runs of train.py: too slow for the suite's 10 minutes, run by `make drills` (CI's drills step).
+pytestmark = pytest.mark.drill
 
 
 def test_three_kills_and_resumes_end_like_the_uninterrupted_run(tmp_path):

@@ -124,7 +124,8 @@ def _without_timing(lines):
 
 
 def test_resume_is_bit_identical(tmp_path):
-  """4 iterations straight == 2 iterations, then --resume to 4: parameters, metrics and evaluations all equal."""
+  """4 iterations straight == 2 iterations, then --resume to 4: parameters, metrics and evaluations all equal; the
+  same from a damaged checkpoint 4; then a plain rerun starts over."""
   straight = runner.run(small(steppo.get_config()), str(tmp_path / "a"), print_fn=lambda _: None)
   first = small(steppo.get_config())
   first.train.iterations = 2
@@ -141,6 +142,26 @@ def test_resume_is_bit_identical(tmp_path):
   assert sorted(os.listdir(tmp_path / "a" / "tb")) == ["seed0", "seed1"]
   assert sorted(os.listdir(tmp_path / "a" / "tb" / "seed0"))[0].startswith("events.out.tfevents")
   assert sorted(d for d in os.listdir(tmp_path / "a" / "checkpoints") if d.isdigit()) == ["2", "4"]
+
+  # A damaged newest checkpoint (its largest data file deleted): --resume names it, sets it aside and resumes from 2,
+  # to the same end (drills/kill.py and tests/test_drill_checkpoint.py go further).
+  step_dir = tmp_path / "b" / "checkpoints" / "4" / "state"
+  files = [os.path.join(d, name) for d, _, names in os.walk(step_dir) for name in names]
+  os.remove(max(files, key=os.path.getsize))
+  printed = []
+  resumed = runner.run(small(steppo.get_config()), str(tmp_path / "b"), resume=True, print_fn=printed.append)
+  assert printed[0].startswith("resume: checkpoint 4 is damaged (")
+  assert printed[0].endswith("set aside as 4.damaged; resuming from checkpoint 2")
+  for a, b in zip(jax.tree.leaves(straight["state"]), jax.tree.leaves(resumed["state"])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  for name in ("metrics.jsonl", "eval.jsonl"):
+    assert _without_timing(_lines(tmp_path / "a" / name)) == _without_timing(_lines(tmp_path / "b" / name))
+
+  # A plain rerun in the used workdir starts over: the old run's checkpoints go first (orbax would skip saving step 2
+  # below the old 4, and a later resume would restore the old run).
+  runner.run(first, str(tmp_path / "b"), print_fn=lambda _: None)
+  assert sorted(os.listdir(tmp_path / "b" / "checkpoints")) == ["2"]
+  assert len(_lines(tmp_path / "b" / "metrics.jsonl")) == 2 * 2
 
 
 def test_ablation_tiny_grid_writes_results(tmp_path, monkeypatch):
