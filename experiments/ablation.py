@@ -3,6 +3,7 @@
   python experiments/ablation.py --name=demo --methods=steppo,token_ppo,grpo --seeds=3 --regime=one_hop
   python experiments/ablation.py --name=steps --methods=steppo,steppo_exact,token_ppo,token_ppo_lam95,grpo \
       --seeds=5 --set=sft.per_seed=true
+  python experiments/ablation.py --name=paper --preset=paper
 
 Each method is a config file in experiments/configs/ (`--set=algo.gamma=0.99` overrides a field of every method's
 config; repeatable). The SFT warm start (one for all seeds, or one per seed with sft.per_seed) is computed once and
@@ -11,6 +12,8 @@ method. Writes runs/<name>/<method>/ (logs, checkpoints) and runs/<name>/results
 records.json; with --baseline (default steppo, when it runs) also paired.csv and the paired table, and results.md
 ends with the training diagnostics (critic explained variance at steps vs tokens, advantages per step index, clip
 fraction, KL, entropy, tokens per step). --regime applies a named set of overrides (configs/presets.py REGIMES).
+A method is a config file or a variant of presets.VARIANTS (e.g. steppo_head). --preset runs a grid of such studies
+(presets.GRIDS) and writes runs/<name>/results.md over all of them.
 """
 
 import os
@@ -35,6 +38,10 @@ _RUNS_DIR = flags.DEFINE_string("runs_dir", "runs", "Root folder of all studies.
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show progress bars.")
 _REGIME = flags.DEFINE_string("regime", None, "A named set of overrides from experiments/configs/presets.py REGIMES "
                               "(e.g. one_hop); --set wins over it.")
+_PRESET = flags.DEFINE_string("preset", None, "A grid of studies from experiments/configs/presets.py GRIDS (e.g. "
+                              "paper): every study in turn, then <runs_dir>/<name>/results.md over all of them; "
+                              "--methods, --seeds, --iterations, --eval_every, --sft_steps and --regime come from "
+                              "the grid, --set applies to every study.")
 _BASELINE = flags.DEFINE_string("baseline", "steppo", "Method the others are compared with, paired over seeds (none: "
                                 "no paired table; skipped when it is not among --methods).")
 
@@ -97,9 +104,55 @@ def run_study(name: str, setups: list, runs_dir: str = "runs", *, baseline: str 
   return {"paths": paths, "rows": rows, "records": records}
 
 
+def grid_studies(preset: str, sets: list[str], progress: bool = True) -> list[tuple[dict, list]]:
+  """(study, its method setups) for every study of grid `preset`, all built (every field of every study checked)
+  before the first one compiles."""
+  if preset not in presets.GRIDS:
+    raise ValueError(f"preset: unknown {preset!r}; allowed: {', '.join(presets.GRIDS)}")
+  studies = []
+  for study in presets.GRIDS[preset]:
+    overrides = configs.study_overrides(study.get("regime"), [f"{k}={v}" for k, v in study["sets"].items()] + sets)
+    overrides["log.progress"] = progress
+    studies.append((study, study_configs(study["methods"], study["seeds"], overrides)))
+  return studies
+
+
+def run_grid(name: str, preset: str, studies: list, runs_dir: str = "runs", *, command: str = "",
+             print_fn=print) -> str:
+  """Runs every study of a grid under <runs_dir>/<name>/<study>/ and writes <runs_dir>/<name>/results.md: the
+  command, each study's settings and wall time, and each study's tables as its results.md has them."""
+  out_dir = os.path.join(runs_dir, name)
+  os.makedirs(out_dir, exist_ok=True)
+  start, sections = time.perf_counter(), []
+  for study, setups in studies:
+    study_start = time.perf_counter()
+    baseline = study.get("baseline", "steppo")
+    run_study(study["name"], setups, out_dir, baseline=baseline if baseline in study["methods"] else None,
+              print_fn=print_fn)
+    with open(os.path.join(out_dir, study["name"], "results.md")) as f:
+      body = f.read().replace("\n# ", "\n### ").replace("\n## ", "\n### ")
+    body = body[2:] if body.startswith("# ") else body
+    sections.append(f"## {study['name']}\n\n{study['why']}\n\nWall time {time.perf_counter() - study_start:.0f} s; "
+                    f"files in `{study['name']}/`.\n\n### {body.strip()}\n")
+  text = (f"# {name}: the {preset} grid\n\n`{command}`\n\nTotal wall time {time.perf_counter() - start:.0f} s.\n\n"
+          + "\n".join(sections))
+  path = os.path.join(out_dir, "results.md")
+  with open(path, "w") as f:
+    f.write(text)
+  print_fn(f"grid results: {path}")
+  return path
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
+  if _PRESET.value is not None:
+    try:
+      studies = grid_studies(_PRESET.value, _SET.value, _PROGRESS.value)
+    except ValueError as error:
+      sys.exit(str(error) if str(error).startswith(("preset", "methods", "set")) else f"config.{error}")
+    run_grid(_NAME.value, _PRESET.value, studies, _RUNS_DIR.value, command="python " + " ".join(sys.argv))
+    return
   try:
     overrides = configs.study_overrides(_REGIME.value, _SET.value)
   except ValueError as error:

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import ablation, runner
+from experiments import ablation, configs, runner
 from experiments.configs import (base, gigpo, grpo, presets, reinforce_pp, rloo, steppo, steppo_exact, token_ppo,
                                  token_ppo_lam95)
 from stepjax import rollout
@@ -197,6 +197,52 @@ def test_ablation_rejects_unknown_method_and_field():
     ablation.study_configs(["ppo2"], 3, {})
   with pytest.raises(ValueError, match=r"^set: 'algo.gama' is not a config field"):
     ablation.study_configs(["steppo"], 3, {"algo.gama": 0.9})
+
+
+@pytest.mark.parametrize("variant", sorted(presets.VARIANTS))
+def test_every_variant_is_its_config_with_its_fields(variant):
+  """A variant builds, carries its own name, sets its fields over the study's (--set cannot undo what defines it) and
+  equals its config file everywhere else."""
+  base_name, fields = presets.VARIANTS[variant]
+  reference = configs.method_config(base_name, {"train.iterations": 10})
+  study = {"train.iterations": 10, **{field: reference[field.split(".")[0]][field.split(".")[1]] for field in fields}}
+  config = configs.method_config(variant, study)
+  assert config.name == variant and config.train.iterations == 10
+  for field, value in fields.items():
+    section, leaf = field.split(".")
+    assert config[section][leaf] == value != reference[section][leaf]
+    reference[section][leaf] = value
+  reference.name = variant
+  assert config.to_json() == reference.to_json()
+  runner.build(config)
+  assert variant in configs.method_names()
+
+
+def test_paper_grid_builds_every_study():
+  """--preset=paper: every study's methods build and share their SFT settings (study_configs checks); the demo task
+  and a second environment are in it, and the ablation variants run where steps are long."""
+  studies = ablation.grid_studies("paper", ["train.seeds=1"], progress=False)
+  by_name = {study["name"]: setups for study, setups in studies}
+  assert set(by_name) == {"one_hop", "two_hop_think", "grid_nav"}
+  assert {setup.config.env.name for setups in by_name.values() for setup in setups} == {"lookup_qa", "grid_nav"}
+  assert by_name["one_hop"][0].config.env.hops == 1 and by_name["two_hop_think"][0].config.env.hops == 2
+  assert [s.config.name for s in by_name["two_hop_think"]] == list(presets.METHODS) + list(presets.VARIANTS)
+  assert all(s.config.train.seeds == 3 for setups in by_name.values() for s in setups)  # the study's seeds win
+  with pytest.raises(ValueError, match=r"^preset: unknown 'papr'; allowed: paper"):
+    ablation.grid_studies("papr", [])
+
+
+def test_grid_writes_one_results_file_over_its_studies(tmp_path):
+  setups = [runner.build(small(setup.config)) for setup in ablation.study_configs(["grpo"], 2, {})]
+  studies = [({"name": "first", "methods": ("grpo",), "why": "The first study."}, setups),
+             ({"name": "second", "methods": ("grpo",), "why": "The second study."}, setups)]
+  path = ablation.run_grid("tinygrid", "tiny", studies, str(tmp_path), command="python x.py", print_fn=lambda _: None)
+  text = open(path).read()
+  assert text.startswith("# tinygrid: the tiny grid\n\n`python x.py`")
+  assert text.index("## first\n\nThe first study.") < text.index("## second\n\nThe second study.")
+  assert text.count("| grpo | 2 |") == 2  # each study's table, as its own results.md has it
+  for study in ("first", "second"):
+    assert (tmp_path / "tinygrid" / study / "results.md").exists()
 
 
 def test_model_from_a_hugging_face_checkpoint(tmp_path):

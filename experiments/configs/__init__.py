@@ -1,6 +1,7 @@
 """ml_collections config files: `base.py` holds every field; the others set the method (estimator, loss, critic).
 
-`method_config(name, overrides)` loads one method's config with dotted-field overrides; `study_overrides(regime,
+`method_config(name, overrides)` loads one method's config (a file here, or a variant: presets.VARIANTS) with
+dotted-field overrides; `study_overrides(regime,
 sets)` turns a named regime (presets.REGIMES) and `field=value` strings into those overrides.
 """
 
@@ -34,15 +35,30 @@ def study_overrides(regime: str | None, sets: list[str]) -> dict:
   return overrides
 
 
+def method_names() -> list[str]:
+  """Every method a study can name: the config files here and the variants of presets.VARIANTS."""
+  files = [f[:-3] for f in os.listdir(os.path.dirname(__file__))
+           if f.endswith(".py") and f not in ("__init__.py", "base.py", "presets.py")]
+  return sorted(files) + list(presets.VARIANTS)
+
+
 def method_config(method: str, overrides: dict):
-  """The config of one method with the study's overrides (dotted field -> value)."""
+  """The config of one method with the study's overrides (dotted field -> value). A variant of presets.VARIANTS is
+  its config file with the variant's fields on top of the study's (they define it) and the variant's name."""
+  base, variant_fields = presets.VARIANTS.get(method, (method, {}))
   try:
-    module = importlib.import_module(f"experiments.configs.{method}")
+    module = importlib.import_module(f"experiments.configs.{base}")
   except ModuleNotFoundError:
-    available = sorted(f[:-3] for f in os.listdir(os.path.dirname(__file__))
-                       if f.endswith(".py") and f not in ("__init__.py", "base.py", "presets.py"))
-    raise ValueError(f"methods: unknown method {method!r}; allowed: {', '.join(available)}") from None
+    raise ValueError(f"methods: unknown method {method!r}; allowed: {', '.join(method_names())}") from None
   config = module.get_config()
+  _apply(config, overrides)
+  _apply(config, variant_fields)
+  if variant_fields:
+    config.name = method
+  return config
+
+
+def _apply(config, overrides: dict) -> None:
   for field, value in overrides.items():
     *path, leaf = field.split(".")
     node = config
@@ -54,4 +70,3 @@ def method_config(method: str, overrides: dict):
     except KeyError:
       raise ValueError(f"set: {field!r} is not a config field") from None
     node[leaf] = value
-  return config

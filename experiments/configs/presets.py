@@ -127,3 +127,50 @@ def with_regime(config: ml_collections.ConfigDict, name: str | None) -> ml_colle
     section, _, leaf = field.rpartition(".")
     (config[section] if section else config)[leaf] = value
   return config
+
+
+# Method variants for the ablations the paper does not run: name -> (config file, fields). `--methods` of
+# experiments/ablation.py takes these names beside the config files'; the variant's fields win over the study's.
+VARIANTS: dict[str, tuple[str, dict[str, object]]] = {
+    # gamma and lambda at the step level (per step) against the same values at the token level (per token: across
+    # a 21-token step lambda = 0.95 shrinks a later step's TD error by 0.95^21 = 0.34 before it reaches the step's
+    # first token; token_ppo_lam95 is that config).
+    "steppo_lam95": ("steppo", {"algo.lam": 0.95}),
+    "steppo_gamma99": ("steppo", {"algo.gamma": 0.99}),
+    "token_ppo_gamma99": ("token_ppo", {"algo.gamma": 0.99}),
+    # The clip, with StepPO's step advantages held fixed: GSPO's length-normalised step ratio (steppo), the exact
+    # step ratio (steppo_exact) and token-level PPO clipping of the same step advantages.
+    "steppo_token_clip": ("steppo", {"algo.loss": "ppo"}),
+    # A value head on the policy trunk instead of a separate critic network.
+    "steppo_head": ("steppo", {"algo.critic": "head"}),
+    # A truncated episode bootstrapped from V of its last state instead of ending with value 0.
+    "steppo_bootstrap": ("steppo", {"algo.truncation_as_terminal": False}),
+}
+
+# The eight methods of the comparison: StepPO (GSPO step ratio, exact step ratio), token-level PPO at lambda 1 and
+# 0.95, and the critic-free estimators.
+METHODS = ("steppo", "steppo_exact", "token_ppo", "token_ppo_lam95", "grpo", "rloo", "reinforce_pp", "gigpo")
+
+# Grids of studies (`experiments/ablation.py --preset=NAME`): each study is one environment's `run_study` (one SFT
+# start shared by its methods) with its own overrides; --set applies to every study and wins over them.
+# Sized for about an hour on a 2-core CPU (an RL iteration of 32 episodes per seed: ~0.3 s one-hop, ~1.6 s 2-hop,
+# ~6.4 s grid_nav); docs/results.md has its run.
+GRIDS: dict[str, tuple[dict, ...]] = {
+    "paper": (
+        {"name": "one_hop", "regime": "one_hop", "methods": METHODS, "seeds": 3,
+         "sets": {"train.iterations": 30, "train.eval_every": 10},
+         "why": "The demo task (`make demo`): one-hop lookup_qa, plain commands of 2-3 tokens, 2 steps an episode; "
+                "cheap, and its SFT start leaves room, but a step and its tokens are nearly the same thing."},
+        {"name": "two_hop_think", "methods": METHODS + tuple(VARIANTS), "seeds": 3,
+         "sets": {"sft.steps": 1200, "train.iterations": 12, "train.eval_every": 6, "train.eval_episodes": 128},
+         "why": "The paper's regime (every config's default): 2-hop lookup_qa in the think format, 3 steps of 17-24 "
+                "tokens, the reward at the end; 1,200 SFT steps, past the jump where the fact-line copy forms. The "
+                "ablations run here, where steps are long enough for step and token credit to differ."},
+        {"name": "grid_nav", "methods": METHODS, "seeds": 3,
+         "sets": {"env.name": "grid_nav", "env.size": 4, "env.step_format": "plain", "rollout.max_len": 640,
+                  "rollout.max_action_len": 8, "model.max_position_embeddings": 640, "sft.steps": 200,
+                  "train.iterations": 4, "train.eval_every": 2, "train.eval_episodes": 64},
+         "why": "A second environment: grid_nav on a 4 x 4 grid with a key, plain moves (6 byte tokens), ~5 steps an "
+                "episode, ~460-token contexts; its RL iteration costs ~20x the one-hop one here, so few iterations."},
+    ),
+}
