@@ -176,10 +176,12 @@ def param_count(config: transformer.ModelConfig) -> int:
 
 
 def analytic_state(config, rules, mesh_shape) -> dict[str, int]:
-  """Policy, critic, reference: parameter bytes / shards; AdamW: two moments in the parameter dtype + counters."""
+  """Policy, critic, reference: parameter bytes / shards; AdamW: two float32 moments per parameter (the optimizer
+  computes in float32 whatever the parameter dtype, OptimConfig.state_dtype) + counters."""
   policy = analytic_param_bytes(config, rules, mesh_shape)
   critic = analytic_param_bytes(config, rules, mesh_shape, critic=True)
-  optimizer = 2 * (policy + critic) + ADAM_COUNTERS_BYTES
+  moments_per_param_byte = 2 * 4 // jnp.dtype(config.param_dtype).itemsize
+  optimizer = moments_per_param_byte * (policy + critic) + ADAM_COUNTERS_BYTES
   return {"policy": policy, "critic": critic, "optimizer": optimizer, "reference": policy,
           "total": 2 * policy + critic + optimizer + 16}  # + step, skipped_updates, rng
 

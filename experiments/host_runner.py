@@ -26,6 +26,18 @@ worker process of its own).
   ckpt    one orbax directory per seed (checkpoints/seed<k>); every seed's starting state is saved before the first
           iteration, so `resume=True` restores each seed where it stopped (finished seeds are skipped) and continues
           with the same results: the questions and the rollout keys come from the state's key.
+
+On a device mesh (config.mesh sizes other than all 1, one process): the envs are still stepped by this process's
+threads (or workers), one env per row, between jitted calls; what runs on the devices is laid out as for the JAX
+environments. Every TrainState (RL: policy, critic, reference, Adam moments; SFT: policy, Adam moments) is made
+directly in its shardings by the logical-axis rules (`_state_programs`: the same values as one device's init), the
+rollout's jitted act / observe (policy forward, sampling, KV cache) run on those params under the rules with the
+host arrays of each step placed over data x fsdp, the episode batch the loop assembles is placed over data x fsdp
+for the update (`make_update` / `make_sft_update` on the mesh), and the evaluation runs the same way. Checkpoints
+hold the sharded state; a resume restores into the shardings (`_state_programs`' abstract target). `runner.build`
+checks that every batch (rollout, minibatch, evaluation, SFT) splits over data x fsdp, as for the JAX environments.
+Several processes are refused in one line naming the mesh field: each would have to step its share of the envs
+and feed it to the programs with `sharding.host_local_to_global`, which this loop does not do yet.
 """
 
 from __future__ import annotations
@@ -44,10 +56,12 @@ import numpy as np
 from experiments import runner
 from stepjax import checks
 from stepjax import rollout as rollout_lib
+from stepjax import sharding as sharding_lib
 from stepjax import train
 from stepjax.envs.host import ISOLATIONS, HostEnvPool, make_chat_env
 from stepjax.models.transformer import Transformer
 from stepjax.train import checkpoint as checkpoint_lib
+from stepjax.train import state as state_lib
 from stepjax.train.state import default_sharding
 from stepjax.train.loop import host_rollout_metrics
 
@@ -209,18 +223,55 @@ def host_rows(state, setup: runner.Setup) -> tuple[list[int], np.ndarray]:
   return np.repeat(tasks, rc.episodes_per_task).tolist(), groups
 
 
+def _state_programs(spec: state_lib.StateSpec, setup: runner.Setup) -> tuple[Callable, Callable]:
+  """(init(key, policy_params or None) -> the TrainState `train.init_state(spec, key, policy_params)` makes,
+  abstract(key) -> its ShapeDtypeStructs: a restore target). spec: without a mesh (the traced arithmetic).
+
+  On setup.mesh the state is made directly in its shardings (`state_shardings` of spec on the mesh, under the rules)
+  by one jitted `runner._fresh_state`, the same values as init_state's (whose own jits pin the state to the first
+  device); policy_params are first placed in the trunk's shardings and the key replicated (`sharding.put_global`),
+  and the abstract state carries the shardings, so a checkpoint restores into them."""
+  mesh, rules = setup.mesh, setup.rules
+  if mesh is None:
+    def init(key, policy_params):
+      return train.init_state(spec, key, policy_params)
+
+    return init, lambda key: jax.eval_shape(init, key, None)
+  shardings = state_lib.state_shardings(dataclasses.replace(spec, mesh=mesh, rules=rules))
+  trunk = runner._trunk_shardings(spec.model, mesh, rules)
+  replicated = sharding_lib.replicated(mesh)
+  program = sharding_lib.jit_with_rules(
+      lambda key_data, params: runner._fresh_state(spec, jax.random.wrap_key_data(key_data), params), mesh, rules,
+      out_shardings=shardings)
+
+  def init_on_mesh(key, policy_params):
+    if policy_params is not None:
+      policy_params = sharding_lib.put_global(policy_params, trunk)
+    return program(sharding_lib.put_global(np.asarray(jax.random.key_data(key)), replicated), policy_params)
+
+  def abstract(key):
+    return runner._abstract(jax.eval_shape(lambda k: runner._fresh_state(spec, k, None), key), shardings)
+
+  return init_on_mesh, abstract
+
+
 def _programs(setup: runner.Setup) -> dict[str, Callable]:
   key = runner._setup_key(setup, "host")
   if key not in runner._PROGRAMS:
     mc, rc, tokenizer = setup.model_config, setup.rollout_config, setup.tokenizer
     uc, oc = setup.update_config, setup.optim_config
+    mesh = {"mesh": setup.mesh, "rules": setup.rules}
     eval_config = dataclasses.replace(rc, num_tasks=setup.config.train.eval_episodes, episodes_per_task=1)
     model = Transformer(mc)
+    init, abstract = _state_programs(state_lib.StateSpec.for_update(mc, uc, oc), setup)
     runner._PROGRAMS[key] = {
-        "init": lambda key, params: train.init_train_state(mc, uc, oc, key, params),
-        "iteration": train.make_host_train_iteration(mc, rc, tokenizer, uc, oc),
-        "greedy": rollout_lib.make_host_rollout(model, dataclasses.replace(eval_config, greedy=True), tokenizer),
-        "sampled": rollout_lib.make_host_rollout(model, dataclasses.replace(eval_config, greedy=False), tokenizer),
+        "init": init,
+        "abstract": abstract,
+        "iteration": train.make_host_train_iteration(mc, rc, tokenizer, uc, oc, **mesh),
+        "greedy": rollout_lib.make_host_rollout(model, dataclasses.replace(eval_config, greedy=True), tokenizer,
+                                                **mesh),
+        "sampled": rollout_lib.make_host_rollout(model, dataclasses.replace(eval_config, greedy=False), tokenizer,
+                                                 **mesh),
     }
   return runner._PROGRAMS[key]
 
@@ -229,15 +280,18 @@ def warm_start(setup: runner.Setup, seed: int, *, progress: bool = True, log: Ca
   """The SFT start of a host environment for one seed: `sft.steps` AdamW steps (`train.make_sft_update`, lr sft.lr)
   from `model.checkpoint`'s params (or a random init), each on a fresh batch of expert episodes
   (`make_host_rollout(actor="expert")`) of `sft.num_tasks` training questions drawn from the seed. -> Transformer
-  params. log(line) gets one line per step: the update's metrics and the expert's success rate."""
+  params. log(line) gets one line per step: the update's metrics and the expert's success rate. On a mesh the SFT
+  state, the expert rollout and the update are sharded like the RL ones (module docstring)."""
   config, mc = setup.config, setup.model_config
   programs = runner._PROGRAMS.setdefault(runner._setup_key(setup, "host_sft"), {})
   if not programs:
+    mesh = {"mesh": setup.mesh, "rules": setup.rules}
     programs["expert"] = rollout_lib.make_host_rollout(Transformer(mc), setup.sft_rollout_config, setup.tokenizer,
-                                                       actor="expert")
-    programs["update"] = train.make_sft_update(mc, setup.sft_optim_config)
+                                                       actor="expert", **mesh)
+    programs["update"] = train.make_sft_update(mc, setup.sft_optim_config, **mesh)
+    programs["init"], _ = _state_programs(state_lib.StateSpec.for_sft(mc, setup.sft_optim_config), setup)
   init_key, key = jax.random.split(jax.random.fold_in(jax.random.key(seed), 0))
-  state = train.init_sft_state(mc, setup.sft_optim_config, init_key, setup.checkpoint_params)
+  state = programs["init"](init_key, setup.checkpoint_params)
   host, num_tasks = setup.host, config.sft.num_tasks
   from tqdm import tqdm
 
@@ -297,14 +351,16 @@ def run(setup: runner.Setup, workdir: str, *, resume: bool, sft_params: Any, pri
   runner._write_text(os.path.join(workdir, "config.json"), config.to_json(indent=1))
   programs = _programs(setup)
   keys = {seed: jax.random.fold_in(jax.random.key(seed), 1) for seed in seeds}
-  # On the state's device, like the training rollout's key (split off the state's): the sampled evaluation then
-  # reuses the training rollout's compiled sampler instead of compiling its own for an uncommitted key.
-  eval_key = jax.device_put(jax.random.key(t.eval_seed), default_sharding())
+  # On the state's device (on a mesh: replicated over it), like the training rollout's key (split off the state's):
+  # the sampled evaluation then reuses the training rollout's compiled sampler instead of compiling its own for an
+  # uncommitted key.
+  eval_key = jax.device_put(jax.random.key(t.eval_seed), default_sharding() if setup.mesh is None
+                            else sharding_lib.replicated(setup.mesh))
 
   if resume:
     # Each seed's newest usable checkpoint (a damaged newer one is named and set aside, so `_seed` restores this one).
     done = {seed: checkpoint_lib.restore_usable_checkpoint(
-                      seed_dirs[seed], jax.eval_shape(programs["init"], keys[seed], None), print_fn=print_fn)[1]
+                      seed_dirs[seed], programs["abstract"](keys[seed]), print_fn=print_fn)[1]
             for seed in seeds}
     for log_name in ("metrics.jsonl", "eval.jsonl"):
       runner._cut_jsonl(os.path.join(workdir, log_name), lambda line: line["iteration"] <= done[line["seed"]])
@@ -349,7 +405,7 @@ def _seed(programs: dict, setup: runner.Setup, seed: int, key, eval_key, manager
   """One seed of a host run, from its latest checkpoint to train.iterations. -> its final TrainState."""
   config, host, rc = setup.config, setup.host, setup.rollout_config
   t = config.train
-  state, iteration = train.restore_checkpoint(manager, jax.eval_shape(programs["init"], key, None))
+  state, iteration = train.restore_checkpoint(manager, programs["abstract"](key))
   env_steps = int(train.checkpoint_metadata(manager)["env_steps"])
   with env_pool(setup, host.train_items, rc.batch_size) as pool, \
        env_pool(setup, host.eval_items, t.eval_episodes) as eval_pool:

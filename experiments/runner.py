@@ -23,11 +23,23 @@ field first: a wrong name or an impossible size is one ValueError line naming th
 
 `run` on a host environment (search_qa, textworld) hands over to `experiments.host_runner`: the same config, logs,
 checkpoints and resume, with the seeds one after another.
+
+On a device mesh (config.mesh, sizes other than all 1): `build` makes the mesh over every device
+of every process and checks that the model's split dimensions and every batch divide by it. The programs above are the
+same functions, jitted with explicit shardings under the logical-axis rules (`stepjax.sharding`): the stacked TrainState
+(policy, critic, reference policy, Adam moments) is laid out by the rules with its leading seed axis replicated, and
+the model's `nn.with_logical_constraint`s split each seed's episodes (rollout, update, evaluation, SFT) over data x
+fsdp; the seeds stay vmapped. With several processes (`jax.distributed.initialize`, experiments/train.py) each runs the
+same program; process 0 alone writes the logs, TensorBoard files and config.json, shows progress and prints, and every
+process writes its shards of each checkpoint (orbax's multi-process save; a resume restores into the shardings).
+Host environments run on a mesh in one process (experiments/host_runner.py: the envs are stepped by this process,
+the programs run over the mesh); several processes are refused in one line.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -47,12 +59,15 @@ from stepjax import checks
 from stepjax import credit as credit_lib
 from stepjax import losses
 from stepjax import rollout as rollout_lib
+from stepjax import sharding as sharding_lib
 from stepjax import train
 from stepjax.envs import grid_nav, lookup_qa, textworld_lite
 from stepjax.models import hf
-from stepjax.models.transformer import PRESETS, ModelConfig, get_config
-from stepjax.models.value import ValueConfig
+from stepjax.models.transformer import PRESETS, ModelConfig, get_config, param_logical_axes
+from stepjax.models.value import ValueConfig, init_models
 from stepjax.train import checkpoint as checkpoint_lib
+from stepjax.train import sft as sft_lib
+from stepjax.train import state as state_lib
 from stepjax.tokenizers import (BYTE_SPEC, TOKENIZER_FILE_NAME, ByteTokenizer, WordTokenizer, load_tokenizer,
                                 read_tokenizer_file)
 
@@ -61,7 +76,7 @@ HOST_ENVS = ("search_qa", "textworld")
 CRITICS = ("head", "separate", "none")
 WHITEN = ("step", "token", "none")
 MODEL_FIELDS = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
-                "max_position_embeddings", "dtype", "attention_block")
+                "max_position_embeddings", "dtype", "attention_block", "param_dtype", "remat", "scan_layers")
 # Keys of metrics.jsonl that depend on the machine, not on the run (left out when comparing runs).
 TIMING_KEYS = ("time_s", "agent_steps_per_s", "tokens_per_s", "env_steps_per_s")
 
@@ -88,6 +103,10 @@ class Setup:
   sft_rollout_config: rollout_lib.RolloutConfig
   seeds: tuple[int, ...]
   host: Any = None  # host_runner.HostEnvs for a host environment
+  # The device mesh (config.mesh) and its logical-axis rules; None for one device (the default), so that the
+  # unsharded programs run exactly as they always have.
+  mesh: Any = None
+  rules: tuple | None = None
 
 
 THINK_TOKENS = ("<think>", "</think>")
@@ -220,17 +239,133 @@ def _jax_env(config, tokenizer):
   return env, params
 
 
-def _model_config(config, tokenizer) -> tuple[ModelConfig, dict | None]:
+# ------------------------------------------------------------------------------------------------------
+# The device mesh (config.mesh).
+# ------------------------------------------------------------------------------------------------------
+
+
+class _MeshError(ValueError):
+  """A model that cannot be laid out on the mesh, found while loading a checkpoint: its line names a model field and
+  must not be renamed model.checkpoint like the loader's own errors."""
+
+
+def _mesh(config, is_host: bool) -> tuple[Any, tuple | None]:
+  """(mesh, rules) of config.mesh, or (None, None) for one device (sizes all 1 in one process: today's programs).
+
+  Every problem is one line naming a mesh field, before anything compiles: a size that is not an int >= 1 or -1, two
+  -1s, an unknown rule table, sizes that do not multiply to jax.device_count() (all processes' devices), a host
+  environment in several processes (its envs are stepped by one process's threads; host_runner runs it on a mesh
+  of this process's devices, but does not split the episodes over processes)."""
+  m = config.get("mesh")
+  if m is None:  # a config from before the mesh section (e.g. an old run's config.json)
+    return None, None
+  sizes = {}
+  for axis in sharding_lib.MESH_AXES:
+    size = m.get(axis, 1)
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or (size < 1 and size != -1):
+      checks.fail(f"mesh.{axis}", f"must be an int >= 1, or -1 for the rest of the devices, got {size!r}")
+    sizes[axis] = int(size)
+  free = [axis for axis, size in sizes.items() if size == -1]
+  if len(free) > 1:
+    checks.fail(f"mesh.{free[1]}", f"at most one axis may be -1 (the rest of the devices); mesh.{free[0]} is -1 too")
+  with checks.section("mesh", strip="sharding"):
+    rules = sharding_lib.get_rules(m.get("rules", "fsdp_tp"))
+  fixed = math.prod(size for size in sizes.values() if size != -1)
+  if fixed == 1 and jax.process_count() == 1 and (not free or jax.device_count() == 1):
+    return None, None
+  shown = " x ".join(f"{axis}={size}" for axis, size in sizes.items())
+  if is_host and jax.process_count() > 1:
+    checks.fail(next((f"mesh.{a}" for a, size in sizes.items() if size != 1), "mesh.data"),
+                f"{shown} over {jax.device_count()} devices in {jax.process_count()} processes: the host "
+                f"environments ({', '.join(HOST_ENVS)}) are stepped by one process (a mesh of its devices works); "
+                "start one process")
+  devices = jax.device_count()
+  if free:
+    if devices % fixed:
+      checks.fail(f"mesh.{free[0]}", f"-1 takes the rest of the {devices} devices, but the other axes ({shown}) "
+                  f"multiply to {fixed}, which does not divide {devices}")
+    sizes[free[0]] = devices // fixed
+  elif fixed != devices:
+    field = next((f"mesh.{a}" for a, size in sizes.items() if size != 1), "mesh.data")
+    processes = f" of {jax.process_count()} processes" if jax.process_count() > 1 else ""
+    checks.fail(field, f"{shown} multiply to {fixed}, but there {'is' if devices == 1 else 'are'} {devices} "
+                f"device{'s' * (devices != 1)}{processes} (jax.device_count()); the sizes must multiply to it (one "
+                "axis may be -1: the rest)")
+  return sharding_lib.make_mesh(sizes), rules
+
+
+def _axes_size(mesh, rules: tuple, logical: str) -> tuple[int, str]:
+  """(number of shards, the mesh axes joined by x) that `rules` splits the logical axis `logical` into."""
+  axes = dict(rules).get(logical)
+  axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+  return math.prod(mesh.shape[a] for a in axes), " x ".join(axes)
+
+
+# Logical axis of the parameters and activations -> the ModelConfig field that sizes it.
+_MODEL_AXES = (("embed", "hidden_size"), ("heads", "num_heads"), ("kv_heads", "num_kv_heads"),
+               ("mlp", "intermediate_size"), ("vocab", "vocab_size"))
+
+
+def _check_model_on_mesh(model_config: ModelConfig, mesh, rules: tuple, rules_name: str) -> None:
+  """Every dimension the rules split (parameters, Adam moments, activations, KV cache) divides by its mesh axes."""
+  for logical, field in _MODEL_AXES:
+    ways, axes = _axes_size(mesh, rules, logical)
+    value = getattr(model_config, field)
+    if value % ways:
+      raise _MeshError(f"model.{field}: {value} is not divisible by {ways}, the mesh's {axes} size that "
+                       f"mesh.rules={rules_name!r} splits {logical!r} over; change the model or the mesh")
+
+
+def _check_batches_on_mesh(config, mesh, rollout_config, update_config) -> None:
+  """Every batch of episodes splits evenly over data x fsdp (each seed's rows; the seed axis is replicated)."""
+  ways = math.prod(mesh.shape[axis] for axis in sharding_lib.BATCH_AXES)
+  where = f"the mesh's data x fsdp = {ways} (mesh.data={mesh.shape['data']}, mesh.fsdp={mesh.shape['fsdp']})"
+  r = config.rollout
+  batch = rollout_config.batch_size
+  if batch % ways:
+    checks.fail("rollout.num_tasks", f"the episode batch rollout.num_tasks x rollout.episodes_per_task = "
+                f"{r.num_tasks} x {r.episodes_per_task} = {batch} is not divisible by {where}")
+  minibatch = batch // update_config.minibatches
+  if minibatch % ways:
+    checks.fail("algo.minibatches", f"the minibatch of {batch} / {update_config.minibatches} = {minibatch} episodes "
+                f"is not divisible by {where}")
+  if config.train.eval_episodes % ways:
+    checks.fail("train.eval_episodes", f"{config.train.eval_episodes} is not divisible by {where}")
+  if config.sft.steps and config.sft.num_tasks % ways:
+    checks.fail("sft.num_tasks", f"the SFT batch of {config.sft.num_tasks} expert episodes is not divisible by "
+                f"{where}")
+
+
+def _trunk_shardings(model_config: ModelConfig, mesh, rules: tuple) -> dict:
+  """NamedShardings of a Transformer param tree (the policy's trunk: an SFT start, a checkpoint) under the rules."""
+  return sharding_lib.shardings_from_logical(param_logical_axes(model_config), mesh, rules)
+
+
+def _model_config(config, tokenizer, mesh=None, rules=None) -> tuple[ModelConfig, dict | None]:
+  """The policy's ModelConfig and a checkpoint's params (None for a preset). On a mesh the model's split dimensions
+  are checked against it, and a checkpoint loads straight into its shardings (each device reads its shard)."""
   m = config.model
   if m.checkpoint:
     if not os.path.isdir(m.checkpoint):
       checks.fail("model.checkpoint", f"{m.checkpoint} is not a directory (a Hugging Face safetensors checkpoint)")
+    for name, plain in (("param_dtype", "float32"), ("scan_layers", False)):
+      if m.get(name, plain) != plain:
+        checks.fail(f"model.{name}", f"{m[name]!r}: a model.checkpoint loads in float32 with its layers one by one, "
+                    f"as experiments/export_hf.py reads the run back; leave {plain!r}")
+    shardings = None
+    if mesh is not None:
+      def shardings(model_config):
+        _check_model_on_mesh(model_config, mesh, rules, config.mesh.rules)
+        return _trunk_shardings(model_config, mesh, rules)
     try:
-      model_config, params = hf.load_hf_checkpoint(m.checkpoint)
+      model_config, params = hf.load_hf_checkpoint(m.checkpoint, shardings=shardings)
+    except _MeshError:
+      raise
     except ValueError as error:  # a damaged file: one line naming the field and the file
       raise ValueError(f"model.checkpoint: {error}") from None
     with checks.section("model"):
-      model_config = model_config.replace(attention_block=m.attention_block).validate()
+      # remat changes what the backward pass keeps, not the parameters.
+      model_config = model_config.replace(attention_block=m.attention_block, remat=m.get("remat", False)).validate()
     if model_config.vocab_size < tokenizer.vocab_size:
       checks.fail("model.checkpoint", f"vocab_size {model_config.vocab_size} does not cover the tokenizer's "
             f"{tokenizer.vocab_size} ids")
@@ -239,7 +374,10 @@ def _model_config(config, tokenizer) -> tuple[ModelConfig, dict | None]:
   overrides = {name: m[name] for name in MODEL_FIELDS if name in m}
   vocab = -(-tokenizer.vocab_size // 64) * 64  # the tokenizer's ids, rounded up to a multiple of 64
   with checks.section("model"):
-    return get_config(m.preset, vocab_size=vocab, **overrides), None
+    model_config = get_config(m.preset, vocab_size=vocab, **overrides)
+  if mesh is not None:
+    _check_model_on_mesh(model_config, mesh, rules, config.mesh.rules)
+  return model_config, None
 
 
 def _update_config(config) -> train.UpdateConfig:
@@ -290,15 +428,17 @@ def build(config: ml_collections.ConfigDict) -> Setup:
   checks.check_int(t.keep_checkpoints, "train.keep_checkpoints", 1)
   checks.check_int(config.sft.steps, "sft.steps", 0)
   checks.check_int(config.sft.num_tasks, "sft.num_tasks", 1)
+  mesh, rules = _mesh(config, is_host)
   tokenizer = _tokenizer(config)
-  model_config, checkpoint_params = _model_config(config, tokenizer)
+  model_config, checkpoint_params = _model_config(config, tokenizer, mesh, rules)
   update_config = _update_config(config)
   o = config.optim
+  state_dtype = o.get("state_dtype", "float32")  # a config.json from before the field
   optim_config = train.OptimConfig(
       actor_lr=o.actor_lr, critic_lr=o.critic_lr, weight_decay=o.weight_decay, max_grad_norm=o.max_grad_norm,
-      schedule=o.schedule, warmup_steps=o.warmup_steps, total_steps=o.total_steps)
+      schedule=o.schedule, warmup_steps=o.warmup_steps, total_steps=o.total_steps, state_dtype=state_dtype)
   with checks.section("sft", strip="optim"):
-    sft_optim_config = train.OptimConfig(actor_lr=config.sft.lr, critic_lr=0.0)
+    sft_optim_config = train.OptimConfig(actor_lr=config.sft.lr, critic_lr=0.0, state_dtype=state_dtype)
   r = config.rollout
   names = ("num_tasks", "episodes_per_task", "max_steps", "max_len", "max_action_len") + (("max_obs_len",) * is_host)
   for name in names:
@@ -317,6 +457,8 @@ def build(config: ml_collections.ConfigDict) -> Setup:
         checks.fail("max_len", f"{rollout_config.max_len} exceeds the model's max_position_embeddings "
                     f"{model_config.max_position_embeddings}")
     train.check_update_batch(update_config, rollout_config.batch_size)
+    if mesh is not None:  # before the envs load their data
+      _check_batches_on_mesh(config, mesh, rollout_config, update_config)
     from experiments import host_runner  # noqa: PLC0415 (it imports this module)
 
     host = host_runner.host_envs(config, tokenizer)
@@ -324,12 +466,14 @@ def build(config: ml_collections.ConfigDict) -> Setup:
     env, env_params = _jax_env(config, tokenizer)
     train.check_env_rollout(env, rollout_config, model_config, "rollout")
     train.check_update_batch(update_config, rollout_config.batch_size)
+    if mesh is not None:
+      _check_batches_on_mesh(config, mesh, rollout_config, update_config)
   sft_rollout_config = dataclasses.replace(rollout_config, num_tasks=config.sft.num_tasks, episodes_per_task=1)
   seeds = tuple(range(t.seed_offset, t.seed_offset + num_seeds))
   return Setup(config=config, tokenizer=tokenizer, env=env, env_params=env_params, model_config=model_config,
                checkpoint_params=checkpoint_params, rollout_config=rollout_config, update_config=update_config,
                optim_config=optim_config, sft_optim_config=sft_optim_config, sft_rollout_config=sft_rollout_config,
-               seeds=seeds, host=host)
+               seeds=seeds, host=host, mesh=mesh, rules=rules)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -404,13 +548,18 @@ def _log_gaps(metrics: list[dict], evals: list[dict], seeds, iteration: int, eva
 
 
 class Logger:
-  """JSONL files, TensorBoard event files (one writer per seed) and the progress bar."""
+  """JSONL files, TensorBoard event files (one writer per seed) and the progress bar.
+
+  write=False (every process but process 0 of a multi-process run): nothing is written or shown; the JSONL lines are
+  kept in `kept` instead (the run's records)."""
 
   def __init__(self, workdir: str, seeds: tuple[int, ...], total: int, initial: int, *, tensorboard: bool,
-               progress: bool, description: str, purge_step: int | None = None):
-    self.workdir, self.seeds = workdir, seeds
+               progress: bool, description: str, purge_step: int | None = None, write: bool = True):
+    self.workdir, self.seeds, self.write = workdir, seeds, write
+    self.kept: dict[str, list[dict]] = {}
     self.writers = {}
-    if tensorboard:
+    progress = progress and write
+    if tensorboard and write:
       from tensorboardX import SummaryWriter  # writes event files without TensorFlow
 
       # A resume hides the events a killed run wrote after its checkpoint (steps >= purge_step).
@@ -422,7 +571,10 @@ class Logger:
                     unit="it")
 
   def jsonl(self, name: str, lines: list[dict]) -> None:
-    _append_jsonl(os.path.join(self.workdir, name), *lines)
+    if self.write:
+      _append_jsonl(os.path.join(self.workdir, name), *lines)
+    else:
+      self.kept.setdefault(name, []).extend(lines)
 
   def scalars(self, prefix: str, seed: int, step: int, values: dict) -> None:
     writer = self.writers.get(seed)
@@ -456,7 +608,7 @@ def _setup_key(setup: Setup, *extra) -> tuple:
   return (str(c.env), str(c.tokenizer), str(c.special_tokens), str(c.chat), setup.model_config,
           setup.rollout_config, setup.update_config, setup.optim_config, setup.sft_optim_config,
           setup.sft_rollout_config, c.train.eval_every, c.train.eval_episodes, c.train.task_pool,
-          c.train.task_pool_seed, *extra)
+          c.train.task_pool_seed, setup.mesh, setup.rules, *extra)
 
 
 def _programs(setup: Setup, per_seed_params: bool) -> dict[str, Callable]:
@@ -467,6 +619,8 @@ def _programs(setup: Setup, per_seed_params: bool) -> dict[str, Callable]:
 
 
 def _make_programs(setup: Setup, per_seed_params: bool) -> dict[str, Callable]:
+  if setup.mesh is not None:
+    return _make_mesh_programs(setup, per_seed_params)
   mc, env, rc = setup.model_config, setup.env, setup.rollout_config
   uc, oc = setup.update_config, setup.optim_config
   t = setup.config.train
@@ -488,6 +642,109 @@ def _make_programs(setup: Setup, per_seed_params: bool) -> dict[str, Callable]:
   }
 
 
+def _fresh_state(spec: state_lib.StateSpec, key, policy_params: dict | None) -> train.TrainState:
+  """The TrainState `train.init_state` makes (the same values), traceable inside a sharded program: init_state's own
+  jits pin the state to the first device, which a program over the mesh may not call."""
+  _, init_key, rng = jax.random.split(key, 3)
+  policy, critic = init_models(spec.model, spec.value, init_key, policy_params)
+  params = {"policy": policy} if critic is None else {"policy": policy, train.CRITIC: critic}
+  # Fresh buffers (the reference must not alias the policy: the chunk donates the state), as init_state's.
+  return jax.tree.map(jnp.copy, state_lib.new_state(spec, params, state_lib.raw_key(rng)))
+
+
+def _abstract(shapes: Any, shardings: Any) -> Any:
+  """ShapeDtypeStructs of `shapes` placed in `shardings` (a restore target on the mesh)."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+
+
+def _make_mesh_programs(setup: Setup, per_seed_params: bool) -> dict[str, Callable]:
+  """`_make_programs` over setup.mesh: the same vmapped init, chunk and evaluate, jitted with the stacked TrainState's
+  shardings (params, Adam moments, reference, critic by the logical rules; the leading seed axis replicated) and run
+  under the rules, so every `nn.with_logical_constraint` of the model splits each seed's episodes over data x fsdp.
+  Keys enter as raw key data and every input is placed with `sharding.put_global`, which works across processes."""
+  mesh, rules = setup.mesh, setup.rules
+  mc, env, rc = setup.model_config, setup.env, setup.rollout_config
+  uc, oc = setup.update_config, setup.optim_config
+  t = setup.config.train
+  task_pool = train.task_pool_keys(t.task_pool_seed, t.task_pool) if t.task_pool else None
+  iteration = train.make_train_iteration(mc, env, rc, uc, oc, task_pool)
+  evaluate = train.make_evaluate(mc, env, rc, t.eval_episodes)
+  spec = state_lib.StateSpec.for_update(mc, uc, oc)  # the traced arithmetic; the shardings come from the mesh's spec
+  state_shardings = sharding_lib.with_leading_axis(
+      state_lib.state_shardings(state_lib.StateSpec.for_update(mc, uc, oc, mesh=mesh, rules=rules)))
+  trunk = _trunk_shardings(mc, mesh, rules)
+  params_shardings = sharding_lib.with_leading_axis(trunk) if per_seed_params else trunk
+  replicated = sharding_lib.replicated(mesh)
+  params_axis = 0 if per_seed_params else None
+
+  def chunk(state, env_params):
+    return jax.lax.scan(lambda s, _: iteration(s, env_params), state, None, length=t.eval_every)
+
+  def init(key_data, policy_params):
+    return _fresh_state(spec, jax.random.wrap_key_data(key_data), policy_params)
+
+  def evaluate_data(policy_params, env_params, key_data):
+    return evaluate(policy_params, env_params, jax.random.wrap_key_data(key_data))
+
+  jit = functools.partial(sharding_lib.jit_with_rules, mesh=mesh, rules=rules)
+  init_program = jit(jax.vmap(init, in_axes=(0, params_axis)), out_shardings=state_shardings)
+
+  def init_state(key_data, policy_params):
+    if policy_params is not None:
+      policy_params = sharding_lib.put_global(policy_params, params_shardings)
+    return init_program(key_data, policy_params)
+
+  def abstract_state(key_data):
+    return _abstract(jax.eval_shape(jax.vmap(init, in_axes=(0, None)), key_data, None), state_shardings)
+
+  return {
+      "init": init_state,
+      "abstract": abstract_state,
+      "chunk": jit(jax.vmap(chunk, in_axes=(0, None)), in_shardings=(state_shardings, replicated),
+                   out_shardings=(state_shardings, replicated), donate_argnums=0),
+      "evaluate": jit(jax.vmap(evaluate_data, in_axes=(0, None, None)),
+                      in_shardings=(state_shardings.params["policy"], replicated, replicated),
+                      out_shardings=replicated),
+  }
+
+
+def _make_mesh_sft_run(setup: Setup) -> Callable:
+  """`train.make_sft_run` over setup.mesh (the same steps, chunks and callback): the stacked SFT state sharded like
+  the RL state (the warm-start axis replicated), keys as raw key data. -> run(key_data, env_params, num_steps,
+  policy_params, on_chunk) -> (policy params [N, ...], metrics {name: [N, num_steps]})."""
+  mesh, rules = setup.mesh, setup.rules
+  mc, oc = setup.model_config, setup.sft_optim_config
+  spec = state_lib.StateSpec.for_sft(mc, oc)
+  shardings = sharding_lib.with_leading_axis(
+      state_lib.state_shardings(state_lib.StateSpec.for_sft(mc, oc, mesh=mesh, rules=rules)))
+  trunk = _trunk_shardings(mc, mesh, rules)
+  replicated = sharding_lib.replicated(mesh)
+  step = train.make_sft_iteration(mc, oc, setup.env, setup.sft_rollout_config)
+  jit = functools.partial(sharding_lib.jit_with_rules, mesh=mesh, rules=rules)
+  init = jit(jax.vmap(lambda key_data, params: _fresh_state(spec, jax.random.wrap_key_data(key_data), params),
+                      in_axes=(0, None)), out_shardings=shardings)
+  chunks: dict[int, Callable] = {}
+
+  def chunk_program(length: int) -> Callable:
+    if length not in chunks:
+      def run_chunk(state, env_params):
+        return jax.lax.scan(lambda s, _: step(s, env_params), state, None, length=length)
+
+      chunks[length] = jit(jax.vmap(run_chunk, in_axes=(0, None)), in_shardings=(shardings, replicated),
+                           out_shardings=(shardings, replicated), donate_argnums=0)
+    return chunks[length]
+
+  def run(key_data, env_params, num_steps: int, policy_params=None, on_chunk=None):
+    checks.check_int(num_steps, "sft.steps", 1)
+    if policy_params is not None:
+      policy_params = sharding_lib.put_global(policy_params, trunk)
+    return sft_lib.run_chunks(init(key_data, policy_params), chunk_program, env_params, num_steps, SFT_CHUNK,
+                              on_chunk)
+
+  run.first = jit(lambda params: jax.tree.map(lambda x: x[0], params), out_shardings=trunk)
+  return run
+
+
 SFT_CHUNK = 50
 
 
@@ -507,11 +764,22 @@ def warm_start(setup: Setup, *, progress: bool = True, log: Callable[[dict], Non
     return jax.tree.map(lambda *x: jnp.stack(x), *starts) if config.sft.per_seed else starts[0]
   programs = _PROGRAMS.setdefault(_setup_key(setup, "sft"), {})
   if "run" not in programs:
-    programs["run"] = train.make_sft_run(setup.model_config, setup.sft_optim_config, setup.env,
-                                         setup.sft_rollout_config, chunk_size=SFT_CHUNK)
+    if setup.mesh is None:
+      programs["run"] = train.make_sft_run(setup.model_config, setup.sft_optim_config, setup.env,
+                                           setup.sft_rollout_config, chunk_size=SFT_CHUNK)
+    else:
+      programs["run"] = _make_mesh_sft_run(setup)
   keys = jnp.stack([jax.random.fold_in(jax.random.key(seed), 0) for seed in setup.seeds])
   if not config.sft.per_seed:
     keys = keys[:1]
+  env_params = setup.env_params
+  if setup.mesh is not None:
+    # Every process runs the warm start; only process 0 shows it and logs it.
+    replicated = sharding_lib.replicated(setup.mesh)
+    keys = sharding_lib.put_global(np.asarray(jax.random.key_data(keys)), replicated)
+    env_params = sharding_lib.put_global(env_params, replicated)
+    if not sharding_lib.is_primary():
+      progress, log = False, None
   from tqdm import tqdm
 
   bar = tqdm(total=steps, desc="sft", disable=not progress, dynamic_ncols=True, unit="step")
@@ -527,9 +795,11 @@ def warm_start(setup: Setup, *, progress: bool = True, log: Callable[[dict], Non
     bar.set_postfix(nll=f"{float(np.mean(metrics['nll'][:, -1])):.3f}",
                     acc=f"{float(np.mean(metrics['token_accuracy'][:, -1])):.3f}")
 
-  params, _ = programs["run"](keys, setup.env_params, steps, setup.checkpoint_params, on_chunk)
+  params, _ = programs["run"](keys, env_params, steps, setup.checkpoint_params, on_chunk)
   bar.close()
-  return params if config.sft.per_seed else jax.tree.map(lambda x: x[0], params)
+  if config.sft.per_seed:
+    return params
+  return jax.tree.map(lambda x: x[0], params) if setup.mesh is None else programs["run"].first(params)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -572,41 +842,62 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, resume: bool = False
     return host_runner.run(setup, workdir, resume=resume, sft_params=sft_params, print_fn=print_fn)
   config = setup.config  # presets resolved: config.json records what ran
   t, name = config.train, config.name
+  mesh = setup.mesh
+  # On a mesh every process runs this same function (SPMD); only process 0 writes logs and prints. Every process
+  # takes part in each checkpoint save and restore (orbax's multi-process path: each writes its shards).
+  primary = mesh is None or sharding_lib.is_primary()
+  if not primary:
+    print_fn = lambda _: None  # noqa: E731
   os.makedirs(workdir, exist_ok=True)
   checkpoint_dir = os.path.join(workdir, "checkpoints")
   if resume:
     if not os.path.isdir(checkpoint_dir):
       raise FileNotFoundError(f"checkpoint.directory: {checkpoint_dir} does not exist (nothing to resume)")
     checkpoint_lib.checkpoint_steps(checkpoint_dir)  # raises when no complete checkpoint is there
-  else:
+  elif primary:
     _start_over(workdir, checkpoint_dir)
-  _write_text(os.path.join(workdir, "config.json"), config.to_json(indent=1))
+  if primary:
+    _write_text(os.path.join(workdir, "config.json"), config.to_json(indent=1))
+  if mesh is not None:
+    sharding_lib.sync_processes("stepjax.runner.start")  # the others open the checkpoints once they are started over
 
   seeds = setup.seeds
   keys = jnp.stack([jax.random.fold_in(jax.random.key(seed), 1) for seed in seeds])
   eval_key = jax.random.key(t.eval_seed)
+  env_params = setup.env_params
+  if mesh is not None:
+    replicated = sharding_lib.replicated(mesh)
+    keys = sharding_lib.put_global(np.asarray(jax.random.key_data(keys)), replicated)
+    eval_key = sharding_lib.put_global(np.asarray(jax.random.key_data(eval_key)), replicated)
+    env_params = sharding_lib.put_global(env_params, replicated)
   if not resume and sft_params is None:
     sft_params = warm_start(setup, progress=config.log.progress,
                                 log=lambda line: _append_jsonl(os.path.join(workdir, "sft.jsonl"), line))
   per_seed = sft_params is not None and _is_stacked(sft_params, setup)
   programs = _programs(setup, per_seed)
 
+  earlier_evals = []  # a resumed run's evaluations before it (the records of a process that writes no logs)
   if resume:
     # The warm start is inside the checkpoint; a random init has the same shapes.
-    abstract = jax.eval_shape(programs["init"], keys, None)
+    abstract = jax.eval_shape(programs["init"], keys, None) if mesh is None else programs["abstract"](keys)
     state, iteration, extra = checkpoint_lib.restore_usable_checkpoint(checkpoint_dir, abstract, print_fn=print_fn)
     env_steps = np.asarray(extra["env_steps"], np.int64)
-    metrics = _cut_jsonl(os.path.join(workdir, "metrics.jsonl"), lambda line: line["iteration"] <= iteration)
-    evals = _cut_jsonl(os.path.join(workdir, "eval.jsonl"), lambda line: line["iteration"] <= iteration)
-    gaps = _log_gaps(metrics, evals, seeds, iteration, t.eval_every)
-    if gaps:
-      print_fn(f"resume: the logs in {workdir} do not match checkpoint {iteration}: {gaps}")
+    if primary:
+      metrics = _cut_jsonl(os.path.join(workdir, "metrics.jsonl"), lambda line: line["iteration"] <= iteration)
+      evals = _cut_jsonl(os.path.join(workdir, "eval.jsonl"), lambda line: line["iteration"] <= iteration)
+      gaps = _log_gaps(metrics, evals, seeds, iteration, t.eval_every)
+      if gaps:
+        print_fn(f"resume: the logs in {workdir} do not match checkpoint {iteration}: {gaps}")
+    else:  # process 0 cuts the file (atomically); what lies beyond the checkpoint is left out either way
+      earlier_evals = [line for line in _read_jsonl(os.path.join(workdir, "eval.jsonl"), torn_tail=True)
+                       if line["iteration"] <= iteration]
   else:
     state = programs["init"](keys, sft_params)
     iteration, env_steps = 0, np.zeros(len(seeds), np.int64)
 
   logger = Logger(workdir, seeds, t.iterations, iteration, tensorboard=config.log.tensorboard,
-                  progress=config.log.progress, description=name, purge_step=iteration + 1 if resume else None)
+                  progress=config.log.progress, description=name, purge_step=iteration + 1 if resume else None,
+                  write=primary)
   try:
     manager = train.make_checkpoint_manager(checkpoint_dir, max_to_keep=t.keep_checkpoints)
   except BaseException:
@@ -614,11 +905,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, resume: bool = False
     raise
   try:
     if not resume:
-      _evaluate(programs, state, setup, eval_key, iteration, env_steps, logger)
+      _evaluate(programs, state, setup, env_params, eval_key, iteration, env_steps, logger)
     chunks_done = iteration // t.eval_every
     while iteration < t.iterations:
       start = time.perf_counter()
-      state, metrics = programs["chunk"](state, setup.env_params)
+      state, metrics = programs["chunk"](state, env_params)
       metrics = jax.device_get(metrics)
       elapsed = time.perf_counter() - start
       lines = []
@@ -639,7 +930,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, resume: bool = False
       if t.halt_on_nonfinite and skipped:
         raise FloatingPointError(f"train: {skipped} minibatch update(s) had a non-finite loss or gradient "
                                  "(train.halt_on_nonfinite=True)")
-      evaluation = _evaluate(programs, state, setup, eval_key, iteration, env_steps, logger)
+      evaluation = _evaluate(programs, state, setup, env_params, eval_key, iteration, env_steps, logger)
       if chunks_done % t.checkpoint_every == 0 or iteration == t.iterations:
         started = train.save_checkpoint(manager, state, iteration, {"iteration": iteration,
                                                                     "env_steps": env_steps.tolist(), "name": name})
@@ -660,7 +951,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, resume: bool = False
     finally:
       logger.close()
 
-  eval_lines = _read_jsonl(os.path.join(workdir, "eval.jsonl"))
+  if primary:
+    eval_lines = _read_jsonl(os.path.join(workdir, "eval.jsonl"))
+  else:
+    eval_lines = earlier_evals + logger.kept.get("eval.jsonl", [])
   records = records_from_eval(name, eval_lines)
   table = _summary(name, records, eval_lines, print_fn)
   return {"records": records, "final": [line for line in eval_lines if line["iteration"] == t.iterations],
@@ -712,8 +1006,9 @@ def _is_stacked(params: dict, setup: Setup) -> bool:
   return embed.ndim == single.ndim + 1
 
 
-def _evaluate(programs, state, setup: Setup, eval_key, iteration: int, env_steps: np.ndarray, logger: Logger) -> dict:
-  metrics = jax.device_get(programs["evaluate"](state.params["policy"], setup.env_params, eval_key))
+def _evaluate(programs, state, setup: Setup, env_params, eval_key, iteration: int, env_steps: np.ndarray,
+              logger: Logger) -> dict:
+  metrics = jax.device_get(programs["evaluate"](state.params["policy"], env_params, eval_key))
   lines = _eval_lines(metrics, setup.seeds, iteration, env_steps)
   logger.jsonl("eval.jsonl", lines)
   for line in lines:

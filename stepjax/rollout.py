@@ -38,8 +38,9 @@ import numpy as np
 from flax import struct
 
 from stepjax import sampling
+from stepjax import sharding as sharding_lib
 from stepjax.checks import check_choice, check_int, fail
-from stepjax.models.transformer import init_cache
+from stepjax.models.transformer import KVCache, cache_logical_axes, init_cache
 from stepjax.types import EpisodeBatch
 
 Array = Any
@@ -289,7 +290,8 @@ def _jitted_rollout(model, env, config: RolloutConfig, actor: str) -> Callable:
   return jax.jit(make_rollout(model, env, config, actor))
 
 
-def make_host_rollout(model, config: RolloutConfig, tokenizer, actor: str = "model") -> Callable:
+def make_host_rollout(model, config: RolloutConfig, tokenizer, actor: str = "model", *, mesh=None,
+                      rules=None) -> Callable:
   """-> `host_rollout(params, pool, seeds, key, group_ids=None, timings=None) -> (EpisodeBatch, HostRolloutInfo)`
   for host environments.
 
@@ -305,15 +307,28 @@ def make_host_rollout(model, config: RolloutConfig, tokenizer, actor: str = "mod
   env without an expert command for a live row (None: e.g. a TextWorld game with no winning policy left) gets the
   end-of-step token alone, an empty command. An expert action longer than `max_action_len` is a one-line ValueError
   naming rollout.max_action_len (it could not be replayed without cutting it).
+
+  With `mesh` and `rules` (both or neither; `params` then lives in the train state's shardings): the jitted pieces run
+  under the logical-axis rules, so the model's constraints split the rows (batch, KV cache, activations) over
+  data x fsdp, and every host array fed to them (observations, rewards, flags, expert actions) is placed over data x
+  fsdp first (`sharding.batch_shardings`); the envs are still stepped here, by this process, one env per row.
   """
   check_choice(actor, "rollout.actor", ACTORS)
+  if (mesh is None) != (rules is None):
+    fail("rules" if rules is None else "mesh", "pass mesh and rules together")
   config.validate(config.max_obs_len, model.config.vocab_size)
   width = config.max_obs_len
   per_row = dataclasses.replace(config, num_tasks=1, episodes_per_task=1)
   begin_fn, force_fn, observe_fn, finish_fn = _host_pieces(model, dataclasses.replace(
-      per_row, temperature=1.0, top_k=0, top_p=1.0, greedy=False))
-  act_fn = _host_act(model, per_row)
+      per_row, temperature=1.0, top_k=0, top_p=1.0, greedy=False), mesh, rules)
+  act_fn = _host_act(model, per_row, mesh, rules)
   end_of_step = tokenizer.end_of_step_id
+
+  def place(*arrays):
+    """Host arrays [B, ...] as the jitted pieces take them: as they are on one device, over data x fsdp on a mesh."""
+    if mesh is None:
+      return arrays
+    return jax.device_put(arrays, sharding_lib.batch_shardings(arrays, mesh))
 
   def expert_actions(pool, live):
     """[B, max_action_len] tokens and [B] lengths of each env's expert command (rows not live: empty)."""
@@ -358,13 +373,14 @@ def make_host_rollout(model, config: RolloutConfig, tokenizer, actor: str = "mod
       raise ValueError(f"rollout.max_obs_len: the first observation of env {int(np.argmax(overflow))} is longer than "
                        f"{width} tokens; raise max_obs_len")
     groups = np.arange(b, dtype=np.int32) if group_ids is None else np.asarray(group_ids, np.int32)
-    rs = begin_fn(params, first, lengths, groups)
+    rs = begin_fn(params, *place(first, lengths, groups))
     success, parsed, obs_overflow = np.zeros(b, bool), np.zeros(b, np.int32), np.zeros(b, bool)
     env_metrics: dict[str, np.ndarray] = {}
     for step_key in jax.random.split(key, config.max_steps):
       with clock("act"):
         if actor == "expert":
-          rs, action, action_len, active = force_fn(params, rs, step_key, *expert_actions(pool, ~np.asarray(rs.done)))
+          rs, action, action_len, active = force_fn(params, rs, step_key,
+                                                    *place(*expert_actions(pool, ~np.asarray(rs.done))))
         else:
           rs, action, action_len, active = act_fn(params, rs, step_key)
         active, action, action_len = np.asarray(active), np.asarray(action), np.asarray(action_len)
@@ -387,7 +403,7 @@ def make_host_rollout(model, config: RolloutConfig, tokenizer, actor: str = "mod
               env_metrics.setdefault(name, np.zeros(b, np.float32))[i] = float(r.info[name])
       obs_overflow |= overflow
       with clock("observe"):
-        rs = jax.block_until_ready(observe_fn(params, rs, obs, obs_len, reward, term, trunc))
+        rs = jax.block_until_ready(observe_fn(params, rs, *place(obs, obs_len, reward, term, trunc)))
     batch = finish_fn(rs)
     return batch, HostRolloutInfo.from_counts(batch, success, parsed, obs_overflow=obs_overflow,
                                               env_metrics=env_metrics)
@@ -395,25 +411,47 @@ def make_host_rollout(model, config: RolloutConfig, tokenizer, actor: str = "mod
   return host_rollout
 
 
+def _host_jit(fn: Callable, mesh, rules) -> Callable:
+  """`jax.jit`, or on a mesh `sharding.jit_with_rules` with every output's rows over data x fsdp (the KV cache by its
+  logical axes, scalars replicated): the rollout state then comes back in one layout whichever piece made it, so each
+  piece compiles once per batch size instead of once per layout its inputs arrive in, and the model's logical
+  constraints keep every row's work on its devices."""
+  if mesh is None:
+    return jax.jit(fn)
+  cache = sharding_lib.shardings_from_logical(cache_logical_axes(), mesh, rules)
+
+  def constrain(x):
+    if isinstance(x, KVCache):
+      return jax.lax.with_sharding_constraint(x, cache)
+    return jax.lax.with_sharding_constraint(x, sharding_lib.batch_sharding(mesh, x.ndim) if x.ndim
+                                            else sharding_lib.replicated(mesh))
+
+  def laid_out(*args):
+    return jax.tree.map(constrain, fn(*args), is_leaf=lambda x: isinstance(x, KVCache))
+
+  return sharding_lib.jit_with_rules(laid_out, mesh, rules)
+
+
 @functools.lru_cache(maxsize=16)
-def _host_pieces(model, config: RolloutConfig) -> tuple[Callable, ...]:
+def _host_pieces(model, config: RolloutConfig, mesh=None, rules=None) -> tuple[Callable, ...]:
   """The jitted begin / forced act / observe / finish of the host loop, shared by every host rollout of one model
   and one per-row config (`config` with the batch layout and the sampling settings normalised away: the batch size
   enters through the arrays' shapes, and none of these samples), so a run's training, evaluation and expert loops
-  compile them once per batch size."""
+  compile them once per batch size (and mesh)."""
   width = config.max_obs_len
-  begin_fn = jax.jit(lambda params, obs, obs_len, groups: begin(model, params, obs, obs_len, groups, config))
-  force_fn = jax.jit(lambda params, rs, key, tokens, lengths: act(model, params, rs, key, config, width,
-                                                                 (tokens, lengths)))
-  observe_fn = jax.jit(lambda params, rs, obs, obs_len, reward, term, trunc: observe(
-      model, params, rs, obs, obs_len, reward, term, trunc))
-  return begin_fn, force_fn, observe_fn, jax.jit(finish)
+  begin_fn = _host_jit(lambda params, obs, obs_len, groups: begin(model, params, obs, obs_len, groups, config),
+                       mesh, rules)
+  force_fn = _host_jit(lambda params, rs, key, tokens, lengths: act(model, params, rs, key, config, width,
+                                                                   (tokens, lengths)), mesh, rules)
+  observe_fn = _host_jit(lambda params, rs, obs, obs_len, reward, term, trunc: observe(
+      model, params, rs, obs, obs_len, reward, term, trunc), mesh, rules)
+  return begin_fn, force_fn, observe_fn, _host_jit(finish, mesh, rules)
 
 
 @functools.lru_cache(maxsize=16)
-def _host_act(model, config: RolloutConfig) -> Callable:
+def _host_act(model, config: RolloutConfig, mesh=None, rules=None) -> Callable:
   """The jitted sampling `act` of the host loop, shared like `_host_pieces` (per sampling settings)."""
-  return jax.jit(lambda params, rs, key: act(model, params, rs, key, config, config.max_obs_len))
+  return _host_jit(lambda params, rs, key: act(model, params, rs, key, config, config.max_obs_len), mesh, rules)
 
 
 class _PhaseClock:

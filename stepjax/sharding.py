@@ -193,3 +193,42 @@ def host_local_to_global(tree: Any, mesh: Mesh) -> Any:
   """Each host passes its own slice of the batch; returns global arrays split over the data axes (multi-host)."""
   return jax.tree_util.tree_map(
       lambda x: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(x)), np.asarray(x)), tree)
+
+
+def with_leading_axis(shardings: Any) -> Any:
+  """The NamedShardings of a tree stacked along a new leading axis (e.g. one entry per seed), that axis replicated:
+  every device holds its shard of every entry, and a `jax.vmap` over the axis keeps each entry's own layout."""
+  return jax.tree_util.tree_map(lambda s: NamedSharding(s.mesh, PartitionSpec(None, *s.spec)), shardings)
+
+
+def put_global(tree: Any, shardings: Any) -> Any:
+  """Places a tree that every process holds whole (host values, or arrays on one local device) into `shardings` (a
+  matching tree or one sharding for every leaf), also across processes: each device receives its shard.
+
+  Arrays already spread over the mesh are resharded in place. A process-local device array of a multi-process run
+  goes through host memory first, since `jax.device_put` cannot send a committed local array to other hosts.
+  """
+  if isinstance(shardings, jax.sharding.Sharding):
+    shardings = jax.tree_util.tree_map(lambda _: shardings, tree)
+  multi = jax.process_count() > 1
+
+  def put(x, sharding):
+    if multi and isinstance(x, jax.Array) and x.is_fully_addressable:
+      x = np.asarray(x)
+    return jax.device_put(x, sharding)
+
+  return jax.tree_util.tree_map(put, tree, shardings)
+
+
+def is_primary() -> bool:
+  """Whether this is process 0, the one that writes logs and prints (every process runs the same programs)."""
+  return jax.process_index() == 0
+
+
+def sync_processes(name: str) -> None:
+  """A barrier across the processes of a multi-process run (a no-op with one process): after process 0 changes shared
+  files that the others read next (a workdir started over)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    multihost_utils.sync_global_devices(name)

@@ -102,6 +102,15 @@ def get_config() -> ml_collections.ConfigDict:
       dtype="float32",  # compute dtype; "bfloat16" on accelerators
       # query rows per block of the training forward's causal attention (0: plain); None: the environment's preset
       attention_block=config_dict.placeholder(int),
+      # Storage dtype of the parameters, the reference copy and the gradients: "float32", or "bfloat16" to halve them
+      # (a step below half a bfloat16 ulp of a weight is then lost: docs/design.md, "Numerics"). With model.checkpoint the weights load in float32 (experiments/export_hf.py reads them back so): leave it.
+      param_dtype="float32",
+      # Rematerialisation of each layer in the backward pass: False, True (save nothing) or the name of a
+      # jax.checkpoint_policies policy ("dots_saveable", ...): memory for compute on long contexts. Typed `object` so
+      # --config.model.remat takes a bool or a name.
+      remat=config_dict.FieldReference(False, field_type=object),
+      # Layers under nn.scan (params with a leading layers axis): one compiled layer instead of num_layers copies.
+      scan_layers=False,
   ))
 
   # Episodes per iteration: num_tasks x episodes_per_task (the groups of GRPO / RLOO / GiGPO).
@@ -136,6 +145,9 @@ def get_config() -> ml_collections.ConfigDict:
       actor_lr=3e-4, critic_lr=1e-3, weight_decay=0.0, max_grad_norm=1.0,
       # A fresh Adam takes lr-sized steps in every coordinate at first: warm up instead of jolting the SFT policy.
       schedule="warmup_constant", warmup_steps=20, total_steps=config_dict.placeholder(int),
+      # What the optimizer computes in and keeps both Adam moments in: "float32" whatever model.param_dtype is, or
+      # None to follow the params (with bfloat16 params Adam's b2 = 0.999 rounds to 1: avoid). Typed `object` for None.
+      state_dtype=config_dict.FieldReference("float32", field_type=object),
   ))
 
   # SFT warm start on scripted-expert episodes (steps=0 starts RL from the random or loaded model).
@@ -154,6 +166,16 @@ def get_config() -> ml_collections.ConfigDict:
       keep_checkpoints=3,
       halt_on_nonfinite=False,
   ))
+
+  # The device mesh every program runs on (stepjax/sharding.py): axis sizes data x fsdp x tensor, -1 for the rest of
+  # the devices (at most one -1), and the logical-axis rule table: "dp" (parameters replicated), "fsdp" (parameters
+  # split along embed over fsdp), "tp" (heads, mlp and vocab over tensor) or "fsdp_tp" (both; axes of size 1 are
+  # no-ops). All 1, the default: one device and today's unsharded programs. Otherwise the sizes must multiply to
+  # jax.device_count() (every process's devices, after jax.distributed.initialize: experiments/train.py
+  # --distributed=auto), the seeds stay vmapped (their axis replicated) and each seed's episodes split over data x
+  # fsdp, so every batch (rollout.num_tasks x episodes_per_task, its minibatches, train.eval_episodes, sft.num_tasks)
+  # must divide by data x fsdp. Pure-JAX environments only: host environments run on one device in one process.
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1, rules="fsdp_tp"))
 
   c.log = ml_collections.ConfigDict(dict(tensorboard=True, progress=True))
   return c

@@ -95,9 +95,11 @@ class Critic(_WithValueHead):
 
 
 def init_value_head(hidden_size: int, key: Array, param_dtype: Any = jnp.float32) -> dict:
-  """Fresh `value_head` params {kernel [D], bias []}."""
-  variables = ValueHead(param_dtype).init(key, jnp.zeros((1, 1, hidden_size), jnp.float32))
-  return nn.unbox(variables["params"])
+  """Fresh `value_head` params {kernel [D], bias []}, drawn in float32 and then cast to `param_dtype`, so a
+  bfloat16-param state starts from the float32 state's head of the same key, rounded (a direct bfloat16 draw
+  would be a different sample)."""
+  variables = ValueHead(jnp.float32).init(key, jnp.zeros((1, 1, hidden_size), jnp.float32))
+  return jax.tree.map(lambda x: x.astype(param_dtype), nn.unbox(variables["params"]))
 
 
 def add_value_head(policy_params: dict, key: Array) -> dict:
@@ -113,6 +115,16 @@ def init_critic_from_policy(policy_params: dict, key: Array) -> dict:
   """
   trunk = {k: jax.tree.map(jnp.copy, v) for k, v in policy_params.items() if k not in ("lm_head", "value_head")}
   return add_value_head(trunk, key)
+
+
+def as_storage_dtype(params, config: ModelConfig):
+  """Floating leaves of `params` cast to `config.storage_dtype` (leaves already in it pass through, uncopied)."""
+  dtype = config.storage_dtype
+
+  def cast(x):
+    return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dtype else x
+
+  return jax.tree.map(cast, params)
 
 
 def build_models(config: ModelConfig, value_config: ValueConfig) -> tuple[nn.Module, nn.Module | None]:
@@ -132,13 +144,15 @@ def init_models(config: ModelConfig, value_config: ValueConfig, key: Array,
                 policy_params: dict | None = None) -> tuple[dict, dict | None]:
   """(policy params, critic params or None) matching `build_models`.
 
-  `policy_params`: Transformer params to start from (e.g. `load_hf_checkpoint`); fresh ones when None.
+  `policy_params`: Transformer params to start from (e.g. `load_hf_checkpoint`); fresh ones when None. They are
+  cast to `config.param_dtype`, so the storage dtype is the config's choice whatever the source (float32 numpy
+  params start a bfloat16-param run), and the value head and a critic copied from them follow it too.
   """
   value_config.validate()
   policy_key, head_key, critic_key = jax.random.split(key, 3)
   if policy_params is None:
     policy_params = init_params(Transformer(config), policy_key)
-  policy_params = {k: v for k, v in policy_params.items() if k != "value_head"}
+  policy_params = {k: as_storage_dtype(v, config) for k, v in policy_params.items() if k != "value_head"}
   if value_config.kind == "head":
     return add_value_head(policy_params, head_key), None
   if value_config.kind == "separate":

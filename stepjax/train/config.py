@@ -15,6 +15,7 @@ from stepjax import sharding as sharding_lib
 from stepjax.models.value import ValueConfig
 
 SCHEDULES = ("constant", "warmup_constant", "cosine")
+STATE_DTYPES = ("float32", None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,6 +27,11 @@ class OptimConfig:
     a skipped (non-finite) minibatch does not advance them.
   weight_decay: decoupled, applied to matrices only (kernels, embeddings; not norms, biases or the value head).
   max_grad_norm: clip the global norm of all gradients (actor and critic together); None disables clipping.
+  state_dtype: "float32": the optimizer computes in float32 and keeps both Adam moments in float32 whatever the
+    params' dtype (gradients, clipping and the step are cast up; the step is rounded to the param dtype once, when
+    applied); with float32 params it changes nothing. None: the moments and the step follow the params' dtype
+    (pure bfloat16 with bfloat16 params: half the optimizer memory, but b2 = 0.999 rounds to 1 in bfloat16, so the
+    second moment never decays; `optim` has the arithmetic).
   """
 
   actor_lr: float = 1e-6
@@ -38,6 +44,7 @@ class OptimConfig:
   schedule: str = "constant"
   warmup_steps: int = 0
   total_steps: int | None = None
+  state_dtype: str | None = "float32"
 
   def __post_init__(self):
     self.validate()
@@ -59,6 +66,8 @@ class OptimConfig:
         checks.check_int(self.total_steps, "total_steps", self.warmup_steps + 1)
       else:
         checks.check_int(self.total_steps, "total_steps", 1, optional=True)
+      checks.check_choice(self.state_dtype, "state_dtype", STATE_DTYPES,
+                          " (None: the Adam moments follow the params' dtype)")
     return self
 
 

@@ -112,7 +112,7 @@ def make_train_iteration(model_config: ModelConfig, env, rollout_config, update_
 
 
 def make_host_train_iteration(model_config: ModelConfig, rollout_config, tokenizer, update_config: UpdateConfig,
-                              optim_config: OptimConfig, *,
+                              optim_config: OptimConfig, *, mesh=None, rules=None,
                               compiler_options: Mapping[str, Any] | None = None) -> Callable:
   """-> `iteration(state, pool, seeds, group_ids=None, timings=None) -> (state, metrics)` for host environments
   (TextWorld, any `envs.host.HostEnv`): the host loop around the same jitted pieces. One call rolls out one episode
@@ -121,10 +121,17 @@ def make_host_train_iteration(model_config: ModelConfig, rollout_config, tokeniz
   `host_rollout_metrics`' (em / f1 / searches when the envs report them). timings: a dict that accumulates the
   rollout's seconds per phase ("act", "env", "observe"). With update.halt_on_nonfinite a skipped minibatch raises
   (`check_halt`).
+
+  With `mesh` and `rules`: the state lives in its shardings (`state.state_shardings`: pass one made there, e.g. by a
+  jitted init with those out_shardings, or let the update place it), the rollout's jitted pieces run on it under the
+  rules with the host arrays over data x fsdp (`make_host_rollout`'s mesh), and the update places the assembled
+  batch over data x fsdp itself (`make_update`'s mesh). One process steps every env.
   """
   update_config.validate()
-  host_rollout = rollout_lib.make_host_rollout(Transformer(model_config), rollout_config, tokenizer)
-  update = make_update(model_config, update_config, optim_config, compiler_options=compiler_options)
+  host_rollout = rollout_lib.make_host_rollout(Transformer(model_config), rollout_config, tokenizer, mesh=mesh,
+                                               rules=rules)
+  update = make_update(model_config, update_config, optim_config, mesh=mesh, rules=rules,
+                       compiler_options=compiler_options)
 
   def iteration(state: TrainState, pool, seeds, group_ids=None, timings: dict | None = None
                 ) -> tuple[TrainState, dict]:

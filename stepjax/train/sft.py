@@ -145,18 +145,26 @@ def make_sft_run(model_config: ModelConfig, optim_config: OptimConfig, env, roll
   def run(keys: Array, env_params: Any, num_steps: int, policy_params: dict | None = None,
           on_chunk: Callable[[int, dict, dict], None] | None = None) -> tuple[dict, dict]:
     checks.check_int(num_steps, "sft.steps", 1)
-    state = init(keys, policy_params)
-    history: list[dict] = []
-    done = 0
-    while done < num_steps:
-      length = min(chunk_size, num_steps - done)
-      state, metrics = chunk_program(length)(state, env_params)
-      metrics = {name: np.asarray(value) for name, value in jax.device_get(metrics).items()}
-      done += length
-      history.append(metrics)
-      if on_chunk is not None:
-        on_chunk(done, metrics, state.params["policy"])
-    stacked = {name: np.concatenate([m[name] for m in history], axis=1) for name in history[0]}
-    return state.params["policy"], stacked
+    return run_chunks(init(keys, policy_params), chunk_program, env_params, num_steps, chunk_size, on_chunk)
 
   return run
+
+
+def run_chunks(state: TrainState, chunk_program: Callable[[int], Callable], env_params: Any, num_steps: int,
+               chunk_size: int, on_chunk: Callable[[int, dict, dict], None] | None = None) -> tuple[dict, dict]:
+  """The warm start's driver: `num_steps` SFT steps of the stacked `state` in chunks of at most `chunk_size`
+  (`chunk_program(length)(state, env_params) -> (state, metrics [N, length])`, the state donated), `on_chunk` after
+  each (as in `make_sft_run`). -> (policy params [N, ...], metrics {name: [N, num_steps]} on the host). Shared by
+  `make_sft_run` and the experiment runner's sharded warm start."""
+  history: list[dict] = []
+  done = 0
+  while done < num_steps:
+    length = min(chunk_size, num_steps - done)
+    state, metrics = chunk_program(length)(state, env_params)
+    metrics = {name: np.asarray(value) for name, value in jax.device_get(metrics).items()}
+    done += length
+    history.append(metrics)
+    if on_chunk is not None:
+      on_chunk(done, metrics, state.params["policy"])
+  stacked = {name: np.concatenate([m[name] for m in history], axis=1) for name in history[0]}
+  return state.params["policy"], stacked

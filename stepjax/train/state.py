@@ -138,7 +138,10 @@ def default_sharding() -> SingleDeviceSharding:
   return SingleDeviceSharding(jax.devices()[0])
 
 
-def _new_state(spec: StateSpec, params: dict, rng: Array) -> TrainState:
+def new_state(spec: StateSpec, params: dict, rng: Array) -> TrainState:
+  """The TrainState around `params` (optimizer init, reference copy when spec.with_ref), traceable: `init_state`'s
+  arithmetic without its jits, for a caller that builds the state inside its own (sharded, vmapped) program. The
+  reference aliases the policy's arrays: copy the result before a program that donates it."""
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=make_optimizer(spec.optim).init(params),
                     ref_params=policy_trunk(params["policy"]) if spec.with_ref else None, rng=rng,
                     skipped_updates=jnp.zeros((), jnp.int32))
@@ -153,7 +156,7 @@ def _boxed_abstract_state(spec: StateSpec) -> TrainState:
     params = {"policy": policy_module.init(jax.random.key(0), dummy)["params"]}
     if critic_module is not None:
       params[CRITIC] = critic_module.init(jax.random.key(0), dummy)["params"]
-    return _new_state(spec, params, jnp.zeros((2,), jnp.uint32))
+    return new_state(spec, params, jnp.zeros((2,), jnp.uint32))
 
   return jax.eval_shape(boxed_state)
 
@@ -178,7 +181,7 @@ def _init_program(spec: StateSpec) -> Callable:
   def finish(params, rng):
     # Fresh buffers everywhere: the reference must not alias the policy (nor the caller's arrays), since the
     # update donates the whole state.
-    return jax.tree.map(jnp.copy, _new_state(spec, params, rng))
+    return jax.tree.map(jnp.copy, new_state(spec, params, rng))
 
   if spec.mesh is None:
     # Committed to one device, like a restored checkpoint, so both hit the same compiled update.
@@ -187,7 +190,8 @@ def _init_program(spec: StateSpec) -> Callable:
 
 
 def init_state(spec: StateSpec, key: Array, policy_params: dict | None = None) -> TrainState:
-  """A fresh TrainState of `spec`. policy_params: Transformer params to start from (HF checkpoint, SFT), else random.
+  """A fresh TrainState of `spec`. policy_params: Transformer params to start from (HF checkpoint, SFT), else random;
+  stored in `spec.model.param_dtype` whatever their dtype (`value.init_models` casts them).
 
   On a mesh every array is created directly in its sharding (`state_shardings`).
   """

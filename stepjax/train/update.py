@@ -70,7 +70,8 @@ def guarded_step(tx, loss_fn, params, opt_state, data):
   finite [] bool, loss [], grad_norm [], aux metrics).
   """
   (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, data)
-  grad_norm = optax.global_norm(grads)
+  # Measured in float32 whatever the params' dtype (a bfloat16 sum of squares keeps 3 significant digits).
+  grad_norm = optax.global_norm(jax.tree.map(lambda g: g if g.dtype == jnp.float32 else g.astype(jnp.float32), grads))
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
   def apply(operands):
