@@ -19,10 +19,11 @@ $(STAMP): setup.py constraints.txt
 demo: $(STAMP)
 	$(PY) experiments/ablation.py --name=demo --methods=steppo,token_ppo,grpo --seeds=3 --regime=one_hop
 
-# Two workers (one per core); whole files per worker so each file's compiled functions are reused. tests/conftest.py
+# Two workers (one per core); whole files per worker so each file's compiled functions are reused.
+# --durations lists the slowest tests: the suite has a 10-minute budget on 2 cores. tests/conftest.py
 # gives every run 8 fake CPU devices for the mesh tests.
 test: $(STAMP)
-	$(PY) -m pytest -n 2 --dist loadfile -m 'not drill' tests
+	$(PY) -m pytest -n 2 --dist loadfile -m 'not drill' --durations=15 tests
 
 # Executes every notebook in notebooks/ at its CI size (STEPJAX_NOTEBOOK_SIZE=ci) and checks each .ipynb against its
 # jupytext .py source and its committed plots; not part of `make test` (that suite has its own time budget).

@@ -22,6 +22,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: `experiments.*`
 
+import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
 from experiments import configs, report, runner  # noqa: E402
@@ -42,6 +43,8 @@ _PRESET = flags.DEFINE_string("preset", None, "A grid of studies from experiment
                               "paper): every study in turn, then <runs_dir>/<name>/results.md over all of them; "
                               "--methods, --seeds, --iterations, --eval_every, --sft_steps and --regime come from "
                               "the grid, --set applies to every study.")
+_KEEP_DONE = flags.DEFINE_bool("keep_done", False, "With --preset: keep the studies a stopped run of the grid finished "
+                                "(their results.md exists) and run the rest.")
 _BASELINE = flags.DEFINE_string("baseline", "steppo", "Method the others are compared with, paired over seeds (none: "
                                 "no paired table; skipped when it is not among --methods).")
 
@@ -118,22 +121,33 @@ def grid_studies(preset: str, sets: list[str], progress: bool = True) -> list[tu
 
 
 def run_grid(name: str, preset: str, studies: list, runs_dir: str = "runs", *, command: str = "",
-             print_fn=print) -> str:
+             keep_done: bool = False, print_fn=print) -> str:
   """Runs every study of a grid under <runs_dir>/<name>/<study>/ and writes <runs_dir>/<name>/results.md: the
-  command, each study's settings and wall time, and each study's tables as its results.md has them."""
+  command, each study's settings and wall time, and each study's tables as its results.md has them. keep_done: a
+  study whose results.md is already there (a grid stopped part-way) is kept, not rerun.
+
+  The compiled programs of a study are dropped before the next one: a grid compiles dozens of programs, and keeping
+  them all once ran this 24 GiB machine out of memory in the third study."""
   out_dir = os.path.join(runs_dir, name)
   os.makedirs(out_dir, exist_ok=True)
   start, sections = time.perf_counter(), []
   for study, setups in studies:
     study_start = time.perf_counter()
-    baseline = study.get("baseline", "steppo")
-    run_study(study["name"], setups, out_dir, baseline=baseline if baseline in study["methods"] else None,
-              print_fn=print_fn)
-    with open(os.path.join(out_dir, study["name"], "results.md")) as f:
+    results = os.path.join(out_dir, study["name"], "results.md")
+    done = keep_done and os.path.exists(results)
+    if not done:
+      baseline = study.get("baseline", "steppo")
+      run_study(study["name"], setups, out_dir, baseline=baseline if baseline in study["methods"] else None,
+                print_fn=print_fn)
+      runner._PROGRAMS.clear()
+      jax.clear_caches()
+    with open(results) as f:
       body = f.read().replace("\n# ", "\n### ").replace("\n## ", "\n### ")
     body = body[2:] if body.startswith("# ") else body
-    sections.append(f"## {study['name']}\n\n{study['why']}\n\nWall time {time.perf_counter() - study_start:.0f} s; "
-                    f"files in `{study['name']}/`.\n\n### {body.strip()}\n")
+    wall = ("kept from an earlier run of the grid (its wall time is in its notes)" if done else
+            f"wall time {time.perf_counter() - study_start:.0f} s")
+    sections.append(f"## {study['name']}\n\n{study['why']}\n\n{wall[0].upper() + wall[1:]}; files in "
+                    f"`{study['name']}/`.\n\n### {body.strip()}\n")
   text = (f"# {name}: the {preset} grid\n\n`{command}`\n\nTotal wall time {time.perf_counter() - start:.0f} s.\n\n"
           + "\n".join(sections))
   path = os.path.join(out_dir, "results.md")
@@ -151,7 +165,8 @@ def main(argv):
       studies = grid_studies(_PRESET.value, _SET.value, _PROGRESS.value)
     except ValueError as error:
       sys.exit(str(error) if str(error).startswith(("preset", "methods", "set")) else f"config.{error}")
-    run_grid(_NAME.value, _PRESET.value, studies, _RUNS_DIR.value, command="python " + " ".join(sys.argv))
+    run_grid(_NAME.value, _PRESET.value, studies, _RUNS_DIR.value, command="python " + " ".join(sys.argv),
+             keep_done=_KEEP_DONE.value)
     return
   try:
     overrides = configs.study_overrides(_REGIME.value, _SET.value)

@@ -232,7 +232,7 @@ def test_paper_grid_builds_every_study():
     ablation.grid_studies("papr", [])
 
 
-def test_grid_writes_one_results_file_over_its_studies(tmp_path):
+def test_grid_writes_one_results_file_over_its_studies(tmp_path, monkeypatch):
   setups = [runner.build(small(setup.config)) for setup in ablation.study_configs(["grpo"], 2, {})]
   studies = [({"name": "first", "methods": ("grpo",), "why": "The first study."}, setups),
              ({"name": "second", "methods": ("grpo",), "why": "The second study."}, setups)]
@@ -243,6 +243,14 @@ def test_grid_writes_one_results_file_over_its_studies(tmp_path):
   assert text.count("| grpo | 2 |") == 2  # each study's table, as its own results.md has it
   for study in ("first", "second"):
     assert (tmp_path / "tinygrid" / study / "results.md").exists()
+  # A grid stopped part-way continues with keep_done: finished studies are kept, not rerun.
+  (tmp_path / "tinygrid" / "second" / "results.md").unlink()
+  ran = []
+  monkeypatch.setattr(ablation, "run_study", lambda name, *args, **kwargs: ran.append(name) or open(
+      tmp_path / "tinygrid" / name / "results.md", "w").write(f"# {name}: redone\n"))
+  text = open(ablation.run_grid("tinygrid", "tiny", studies, str(tmp_path), keep_done=True,
+                                print_fn=lambda _: None)).read()
+  assert ran == ["second"] and "Kept from an earlier run" in text and text.count("| grpo | 2 |") == 1
 
 
 def test_model_from_a_hugging_face_checkpoint(tmp_path):
