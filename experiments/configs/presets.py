@@ -154,7 +154,7 @@ METHODS = ("steppo", "steppo_exact", "token_ppo", "token_ppo_lam95", "grpo", "rl
 # Grids of studies (`experiments/ablation.py --preset=NAME`): each study is one environment's `run_study` (one SFT
 # start shared by its methods) with its own overrides; --set applies to every study and wins over them.
 # Sized for about an hour on a 2-core CPU (an RL iteration of 32 episodes per seed: ~0.3 s one-hop, ~1.6 s 2-hop,
-# ~6.4 s grid_nav); docs/results.md has its run.
+# ~6.4 s grid_nav); its one run took 96 minutes there, its first two studies beside other jobs (docs/results.md).
 GRIDS: dict[str, tuple[dict, ...]] = {
     "paper": (
         {"name": "one_hop", "regime": "one_hop", "methods": METHODS, "seeds": 3,
