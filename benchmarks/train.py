@@ -10,21 +10,26 @@ from the same random start:
   fused, vmap   the same with S seeds in one program (`jax.vmap`), reported per seed-iteration.
 
 Both single-seed loops compute the same thing (tests/test_make_train.py checks the fused iteration against rollout +
-make_update). Median of repeated K-iteration chunks after a warm-up chunk.
+make_update). After a warm-up chunk of each, the three are timed in interleaved rounds (one K-iteration chunk of
+each per round, the order rotated), and each is compared with the host loop round by round: a single reading of one
+loop after the other moved by 25% between two runs of this script on an idle machine. --busy_cores N keeps N other
+cores spinning while timing (the machine shared with other jobs).
 
-    python -m benchmarks.train [--repeats 3] [--iterations 5] [--seeds 3] [--regime one_hop|none] [--markdown out.md]
+    python -m benchmarks.train [--repeats 3] [--iterations 5] [--seeds 3] [--regime one_hop|none] [--busy_cores N]
+                               [--markdown out.md]
 """
 
 from __future__ import annotations
 
 import os
+import statistics
 import sys
 
 import jax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import arg_parser, emit, median_seconds  # noqa: E402
+from benchmarks.common import BusyCores, arg_parser, emit, interleaved_seconds  # noqa: E402
 from experiments import runner  # noqa: E402
 from experiments.configs import presets, steppo  # noqa: E402
 from stepjax import rollout, train  # noqa: E402
@@ -36,6 +41,7 @@ def main(argv=None):
   parser.add_argument("--iterations", type=int, default=5)
   parser.add_argument("--seeds", type=int, default=3)
   parser.add_argument("--regime", default="one_hop", choices=["none", *presets.REGIMES])
+  parser.add_argument("--busy_cores", type=int, default=0, help="keep this many other cores busy while timing")
   args = parser.parse_args(argv)
   config = presets.with_regime(steppo.get_config(), args.regime)
   setup = runner.build(config)
@@ -74,19 +80,28 @@ def main(argv=None):
     states["vmap"], metrics = vchunk(states["vmap"], setup.env_params)
     jax.block_until_ready(metrics)
 
-  host_s, _ = median_seconds(run_host, args.repeats)
-  fused_s, _ = median_seconds(run_fused, args.repeats)
-  vmap_s, _ = median_seconds(run_vmap, args.repeats)
-  per_host, per_fused, per_vmap = host_s / k, fused_s / k, vmap_s / (k * args.seeds)
+  load = os.getloadavg()[0]  # other jobs' load, before the busy cores start
+  with BusyCores(args.busy_cores):
+    times = interleaved_seconds({"host": run_host, "fused": run_fused, "vmap": run_vmap}, args.repeats)
+  per = {"host": k, "fused": k, "vmap": k * args.seeds}  # iterations (seed-iterations) per timed chunk
+  median = {name: statistics.median(ts) / per[name] for name, ts in times.items()}
+
+  def versus_host(name):
+    """'median (min-max)' of the rounds' paired speed-ups over the host loop."""
+    ratios = [(h / per["host"]) / (t / per[name]) for h, t in zip(times["host"], times[name])]
+    return f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
+
+  busy = f", {args.busy_cores} other cores kept busy" if args.busy_cores else ""
   lines = [
       f"RL iteration, StepPO demo setting ({rc.batch_size} episodes, {uc.epochs} epochs x {uc.minibatches} "
-      f"minibatches), median of {args.repeats} chunks of {k} iterations, {jax.devices()[0].platform}",
+      f"minibatches), {args.repeats} interleaved rounds of {k}-iteration chunks, {jax.devices()[0].platform}, "
+      f"{os.cpu_count()} cores{busy}, load {load:.1f} at the start",
       "",
-      "| loop | s / iteration (per seed) | vs host loop |",
+      "| loop | s / iteration (per seed), median | vs host loop: median of the paired rounds (min-max) |",
       "|---|---:|---:|",
-      f"| host loop (jitted rollout + make_update per iteration) | {per_host:.3f} | 1.00x |",
-      f"| fused (`lax.scan` of make_train_iteration, one jit) | {per_fused:.3f} | {per_host / per_fused:.2f}x |",
-      f"| fused, {args.seeds} seeds vmapped (per seed-iteration) | {per_vmap:.3f} | {per_host / per_vmap:.2f}x |",
+      f"| host loop (jitted rollout + make_update per iteration) | {median['host']:.3f} | 1.00x |",
+      f"| fused (`lax.scan` of make_train_iteration, one jit) | {median['fused']:.3f} | {versus_host('fused')} |",
+      f"| fused, {args.seeds} seeds vmapped (per seed-iteration) | {median['vmap']:.3f} | {versus_host('vmap')} |",
   ]
   emit(lines, args.markdown)
 
