@@ -27,17 +27,23 @@ worker process of its own).
           iteration, so `resume=True` restores each seed where it stopped (finished seeds are skipped) and continues
           with the same results: the questions and the rollout keys come from the state's key.
 
-On a device mesh (config.mesh sizes other than all 1, one process): the envs are still stepped by this process's
-threads (or workers), one env per row, between jitted calls; what runs on the devices is laid out as for the JAX
-environments. Every TrainState (RL: policy, critic, reference, Adam moments; SFT: policy, Adam moments) is made
-directly in its shardings by the logical-axis rules (`_state_programs`: the same values as one device's init), the
-rollout's jitted act / observe (policy forward, sampling, KV cache) run on those params under the rules with the
-host arrays of each step placed over data x fsdp, the episode batch the loop assembles is placed over data x fsdp
-for the update (`make_update` / `make_sft_update` on the mesh), and the evaluation runs the same way. Checkpoints
-hold the sharded state; a resume restores into the shardings (`_state_programs`' abstract target). `runner.build`
-checks that every batch (rollout, minibatch, evaluation, SFT) splits over data x fsdp, as for the JAX environments.
-Several processes are refused in one line naming the mesh field: each would have to step its share of the envs
-and feed it to the programs with `sharding.host_local_to_global`, which this loop does not do yet.
+On a device mesh (config.mesh sizes other than all 1): the envs are stepped by the host's threads (or workers), one
+env per row, between jitted calls; what runs on the devices is laid out as for the JAX environments. Every TrainState
+(RL: policy, critic, reference, Adam moments; SFT: policy, Adam moments) is made directly in its shardings by the
+logical-axis rules (`_state_programs`: the same values as one device's init), the rollout's jitted act / observe
+(policy forward, sampling, KV cache) run on those params under the rules with the host arrays of each step placed over
+data x fsdp, the episode batch the loop assembles is placed over data x fsdp for the update (`make_update` /
+`make_sft_update` on the mesh), and the evaluation runs the same way. Checkpoints hold the sharded state; a resume
+restores into the shardings (`_state_programs`' abstract target). `runner.build` checks that every batch (rollout,
+minibatch, evaluation, SFT) splits over data x fsdp, as for the JAX environments.
+
+With several processes (`jax.distributed`, experiments/train.py) every process runs this same loop over the same
+global arrays, and each steps only the envs of its share of every batch: the rows its devices hold
+(`sharding.process_rows`), so its pools are that share's size and it draws the whole batch's questions (from the
+state's key, the same in every process) and plays its rows' ones; its observations enter the programs through
+`sharding.host_local_to_global` (`rollout.make_host_rollout`). Only process 0 writes logs and prints; every process
+writes its shards of each checkpoint. The runs are the same as one process stepping every env (the drill in
+tests/test_host_mesh.py: 2 processes x 4 devices against 1 x 8).
 """
 
 from __future__ import annotations
@@ -208,6 +214,13 @@ def env_pool(setup: runner.Setup, items, count: int) -> HostEnvPool:
 TASK_DRAW = 0x7A5C  # folded into a state's key to draw an iteration's questions (the rollout key is its split)
 
 
+def process_share(setup: runner.Setup, batch_size: int) -> slice:
+  """The rows of a batch of `batch_size` whose envs this process steps (all of them without several processes)."""
+  if setup.mesh is None or jax.process_count() == 1:
+    return slice(0, batch_size)
+  return slice(*sharding_lib.process_rows(batch_size, setup.mesh))
+
+
 def draw_tasks(key, num_items: int, num_tasks: int) -> np.ndarray:
   """[num_tasks] item indices drawn with `key` (without replacement when there are enough items)."""
   return np.asarray(jax.random.choice(key, num_items, (num_tasks,), replace=num_items < num_tasks))
@@ -293,13 +306,19 @@ def warm_start(setup: runner.Setup, seed: int, *, progress: bool = True, log: Ca
   init_key, key = jax.random.split(jax.random.fold_in(jax.random.key(seed), 0))
   state = programs["init"](init_key, setup.checkpoint_params)
   host, num_tasks = setup.host, config.sft.num_tasks
+  share = process_share(setup, num_tasks)
+  if not sharding_lib.is_primary():
+    progress, log = False, None
+  if setup.mesh is not None:  # the rollout keys split off it: replicated, like the state's
+    key = jax.random.wrap_key_data(sharding_lib.put_global(np.asarray(jax.random.key_data(key)),
+                                                           sharding_lib.replicated(setup.mesh)))
   from tqdm import tqdm
 
   bar = tqdm(total=config.sft.steps, desc="sft", disable=not progress, dynamic_ncols=True, unit="step")
-  with env_pool(setup, host.train_items, num_tasks) as pool:
+  with env_pool(setup, host.train_items, share.stop - share.start) as pool:
     for step in range(config.sft.steps):
       key, draw_key, rollout_key = jax.random.split(key, 3)
-      rows = draw_tasks(draw_key, len(host.train_items), num_tasks).tolist()
+      rows = draw_tasks(draw_key, len(host.train_items), num_tasks)[share].tolist()
       batch, info = programs["expert"](state.params["policy"], pool, rows, rollout_key)
       state, metrics = programs["update"](state, batch)
       line = {"step": step + 1, **{name: float(value) for name, value in jax.device_get(metrics).items()},
@@ -320,7 +339,8 @@ def evaluate(programs: dict, state, setup: runner.Setup, pool: HostEnvPool, eval
   searches (greedy) and their `_sampled` values when the env reports them."""
   n = len(setup.host.eval_items)
   order = np.random.default_rng(setup.config.train.eval_seed).permutation(n)
-  rows = [int(order[i % n]) for i in range(len(pool))]
+  share = process_share(setup, setup.config.train.eval_episodes)
+  rows = [int(order[i % n]) for i in range(share.start, share.stop)]
   params = train.policy_trunk(state.params["policy"])
   greedy = jax.device_get(host_rollout_metrics(*programs["greedy"](params, pool, rows, eval_key)))
   sampled = jax.device_get(host_rollout_metrics(*programs["sampled"](params, pool, rows, eval_key)))
@@ -338,6 +358,11 @@ def run(setup: runner.Setup, workdir: str, *, resume: bool, sft_params: Any, pri
   "state": the final TrainState of each seed (a tuple, in seed order)."""
   config = setup.config
   t, name, seeds = config.train, config.name, setup.seeds
+  # With several processes every process runs this function (each stepping its share of the envs); only process 0
+  # writes logs and prints, and every process takes part in each checkpoint save and restore.
+  primary = sharding_lib.is_primary()
+  if not primary:
+    print_fn = lambda _: None  # noqa: E731
   os.makedirs(workdir, exist_ok=True)
   checkpoint_dir = os.path.join(workdir, "checkpoints")
   seed_dirs = {seed: os.path.join(checkpoint_dir, f"seed{seed}") for seed in seeds}
@@ -346,24 +371,35 @@ def run(setup: runner.Setup, workdir: str, *, resume: bool, sft_params: Any, pri
       raise FileNotFoundError(f"checkpoint.directory: {checkpoint_dir} does not exist (nothing to resume)")
     for seed in seeds:
       checkpoint_lib.checkpoint_steps(seed_dirs[seed])  # raises when a seed has no complete checkpoint
-  else:
+  elif primary:
     runner._start_over(workdir, checkpoint_dir)
-  runner._write_text(os.path.join(workdir, "config.json"), config.to_json(indent=1))
+  if primary:
+    runner._write_text(os.path.join(workdir, "config.json"), config.to_json(indent=1))
+  sharding_lib.sync_processes("stepjax.host_runner.start")  # the others open the checkpoints once they are started over
   programs = _programs(setup)
   keys = {seed: jax.random.fold_in(jax.random.key(seed), 1) for seed in seeds}
   # On the state's device (on a mesh: replicated over it), like the training rollout's key (split off the state's):
   # the sampled evaluation then reuses the training rollout's compiled sampler instead of compiling its own for an
   # uncommitted key.
-  eval_key = jax.device_put(jax.random.key(t.eval_seed), default_sharding() if setup.mesh is None
-                            else sharding_lib.replicated(setup.mesh))
+  if setup.mesh is None:
+    eval_key = jax.device_put(jax.random.key(t.eval_seed), default_sharding())
+  else:
+    eval_key = jax.random.wrap_key_data(sharding_lib.put_global(np.asarray(jax.random.key_data(
+        jax.random.key(t.eval_seed))), sharding_lib.replicated(setup.mesh)))
 
+  earlier_evals = []  # a resumed run's evaluations before it (the records of a process that writes no logs)
   if resume:
     # Each seed's newest usable checkpoint (a damaged newer one is named and set aside, so `_seed` restores this one).
     done = {seed: checkpoint_lib.restore_usable_checkpoint(
                       seed_dirs[seed], programs["abstract"](keys[seed]), print_fn=print_fn)[1]
             for seed in seeds}
-    for log_name in ("metrics.jsonl", "eval.jsonl"):
-      runner._cut_jsonl(os.path.join(workdir, log_name), lambda line: line["iteration"] <= done[line["seed"]])
+    kept = lambda line: line["iteration"] <= done[line["seed"]]  # noqa: E731
+    if primary:
+      for log_name in ("metrics.jsonl", "eval.jsonl"):
+        runner._cut_jsonl(os.path.join(workdir, log_name), kept)
+    else:  # process 0 cuts the file (atomically); what lies beyond the checkpoints is left out either way
+      earlier_evals = [line for line in runner._read_jsonl(os.path.join(workdir, "eval.jsonl"), torn_tail=True)
+                       if kept(line)]
   else:
     if sft_params is None:
       sft_params = runner.warm_start(setup, progress=config.log.progress,
@@ -379,8 +415,10 @@ def run(setup: runner.Setup, workdir: str, *, resume: bool, sft_params: Any, pri
     done = {seed: 0 for seed in seeds}
 
   logger = runner.Logger(workdir, seeds, t.iterations * len(seeds), sum(done.values()),
-                         tensorboard=config.log.tensorboard, progress=config.log.progress, description=name)
-  evaluated = {(line["seed"], line["iteration"]) for line in runner._read_jsonl(os.path.join(workdir, "eval.jsonl"))}
+                         tensorboard=config.log.tensorboard, progress=config.log.progress, description=name,
+                         write=primary)
+  evaluated = {(line["seed"], line["iteration"]) for line in
+               (runner._read_jsonl(os.path.join(workdir, "eval.jsonl")) if primary else earlier_evals)}
   states = []
   try:
     for seed in seeds:
@@ -393,11 +431,24 @@ def run(setup: runner.Setup, workdir: str, *, resume: bool, sft_params: Any, pri
   finally:
     logger.close()
 
-  eval_lines = runner._read_jsonl(os.path.join(workdir, "eval.jsonl"))
+  if primary:
+    eval_lines = runner._read_jsonl(os.path.join(workdir, "eval.jsonl"))
+  else:
+    eval_lines = earlier_evals + logger.kept.get("eval.jsonl", [])
   records = runner.records_from_eval(name, eval_lines)
   table = runner._summary(name, records, eval_lines, print_fn)
   return {"records": records, "final": [line for line in eval_lines if line["iteration"] == t.iterations],
           "table": table, "state": tuple(states)}
+
+
+def _fault_counts(pool: HostEnvPool) -> np.ndarray:
+  """[crashes, timeouts] of `pool` so far, summed over the processes of a multi-process run (each has its own pool)."""
+  counts = np.asarray([pool.crashes, pool.timeouts], np.int64)
+  if jax.process_count() == 1:
+    return counts
+  from jax.experimental import multihost_utils  # noqa: PLC0415
+
+  return np.asarray(multihost_utils.process_allgather(counts)).reshape(-1, 2).sum(axis=0)
 
 
 def _seed(programs: dict, setup: runner.Setup, seed: int, key, eval_key, manager, logger: runner.Logger,
@@ -407,8 +458,9 @@ def _seed(programs: dict, setup: runner.Setup, seed: int, key, eval_key, manager
   t = config.train
   state, iteration = train.restore_checkpoint(manager, programs["abstract"](key))
   env_steps = int(train.checkpoint_metadata(manager)["env_steps"])
-  with env_pool(setup, host.train_items, rc.batch_size) as pool, \
-       env_pool(setup, host.eval_items, t.eval_episodes) as eval_pool:
+  share, eval_share = process_share(setup, rc.batch_size), process_share(setup, t.eval_episodes)
+  with env_pool(setup, host.train_items, share.stop - share.start) as pool, \
+       env_pool(setup, host.eval_items, eval_share.stop - eval_share.start) as eval_pool:
 
     def evaluate_and_log() -> dict:
       metrics = evaluate(programs, state, setup, eval_pool, eval_key)
@@ -423,7 +475,8 @@ def _seed(programs: dict, setup: runner.Setup, seed: int, key, eval_key, manager
     evaluations = iteration // t.eval_every
     while iteration < t.iterations:
       rows, groups = host_rows(state, setup)
-      faults = (pool.crashes, pool.timeouts)
+      rows, groups = rows[share], groups[share]
+      faults = _fault_counts(pool)
       timings: dict[str, float] = {}
       start = time.perf_counter()
       state, metrics = programs["iteration"](state, pool, rows, groups, timings)
@@ -435,7 +488,8 @@ def _seed(programs: dict, setup: runner.Setup, seed: int, key, eval_key, manager
           "agent_steps_per_s": metrics["agent_steps"] / elapsed,
           "env_steps_per_s": metrics["agent_steps"] / max(timings.get("env", 0.0), 1e-9),
           "tokens_per_s": metrics["action_tokens"] / elapsed,
-          "env_crashes": pool.crashes - faults[0], "env_timeouts": pool.timeouts - faults[1]}])
+          **{name: int(now - before) for name, now, before in zip(("env_crashes", "env_timeouts"),
+                                                                 _fault_counts(pool), faults)}}])
       logger.scalars("train", seed, iteration, metrics)
       if iteration % t.eval_every == 0:
         evaluation = evaluate_and_log()

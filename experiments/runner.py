@@ -32,8 +32,8 @@ the model's `nn.with_logical_constraint`s split each seed's episodes (rollout, u
 fsdp; the seeds stay vmapped. With several processes (`jax.distributed.initialize`, experiments/train.py) each runs the
 same program; process 0 alone writes the logs, TensorBoard files and config.json, shows progress and prints, and every
 process writes its shards of each checkpoint (orbax's multi-process save; a resume restores into the shardings).
-Host environments run on a mesh in one process (experiments/host_runner.py: the envs are stepped by this process,
-the programs run over the mesh); several processes are refused in one line.
+Host environments run on a mesh too, in one process or several (experiments/host_runner.py: each process steps the
+envs of its share of the rows, the programs run over the mesh).
 """
 
 from __future__ import annotations
@@ -249,13 +249,11 @@ class _MeshError(ValueError):
   must not be renamed model.checkpoint like the loader's own errors."""
 
 
-def _mesh(config, is_host: bool) -> tuple[Any, tuple | None]:
+def _mesh(config) -> tuple[Any, tuple | None]:
   """(mesh, rules) of config.mesh, or (None, None) for one device (sizes all 1 in one process: today's programs).
 
   Every problem is one line naming a mesh field, before anything compiles: a size that is not an int >= 1 or -1, two
-  -1s, an unknown rule table, sizes that do not multiply to jax.device_count() (all processes' devices), a host
-  environment in several processes (its envs are stepped by one process's threads; host_runner runs it on a mesh
-  of this process's devices, but does not split the episodes over processes)."""
+  -1s, an unknown rule table, sizes that do not multiply to jax.device_count() (all processes' devices)."""
   m = config.get("mesh")
   if m is None:  # a config from before the mesh section (e.g. an old run's config.json)
     return None, None
@@ -274,11 +272,6 @@ def _mesh(config, is_host: bool) -> tuple[Any, tuple | None]:
   if fixed == 1 and jax.process_count() == 1 and (not free or jax.device_count() == 1):
     return None, None
   shown = " x ".join(f"{axis}={size}" for axis, size in sizes.items())
-  if is_host and jax.process_count() > 1:
-    checks.fail(next((f"mesh.{a}" for a, size in sizes.items() if size != 1), "mesh.data"),
-                f"{shown} over {jax.device_count()} devices in {jax.process_count()} processes: the host "
-                f"environments ({', '.join(HOST_ENVS)}) are stepped by one process (a mesh of its devices works); "
-                "start one process")
   devices = jax.device_count()
   if free:
     if devices % fixed:
@@ -428,7 +421,7 @@ def build(config: ml_collections.ConfigDict) -> Setup:
   checks.check_int(t.keep_checkpoints, "train.keep_checkpoints", 1)
   checks.check_int(config.sft.steps, "sft.steps", 0)
   checks.check_int(config.sft.num_tasks, "sft.num_tasks", 1)
-  mesh, rules = _mesh(config, is_host)
+  mesh, rules = _mesh(config)
   tokenizer = _tokenizer(config)
   model_config, checkpoint_params = _model_config(config, tokenizer, mesh, rules)
   update_config = _update_config(config)

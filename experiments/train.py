@@ -19,7 +19,8 @@ A Hugging Face checkpoint in its chat format, then exported back (BUILD.md, "You
       --config.tokenizer=$CKPT/tokenizer.json --config.chat.template=chatml --workdir=runs/qwen_search_qa
   python experiments/export_hf.py --workdir=runs/qwen_search_qa --seed=0 --out=exports/qwen_search_qa
 
-On a device mesh (config.mesh; pure-JAX environments), one host or several. Every process runs the same command (the
+On a device mesh (config.mesh), one host or several (with a host environment each process steps the envs of its
+share of every batch). Every process runs the same command (the
 same program, SPMD); --distributed=auto lets JAX find the cluster (TPU pod slices, SLURM, Open MPI), or name it with
 --coordinator_address / --num_processes / --process_id (e.g. two CPU processes on one machine):
 

@@ -311,7 +311,14 @@ def make_host_rollout(model, config: RolloutConfig, tokenizer, actor: str = "mod
   With `mesh` and `rules` (both or neither; `params` then lives in the train state's shardings): the jitted pieces run
   under the logical-axis rules, so the model's constraints split the rows (batch, KV cache, activations) over
   data x fsdp, and every host array fed to them (observations, rewards, flags, expert actions) is placed over data x
-  fsdp first (`sharding.batch_shardings`); the envs are still stepped here, by this process, one env per row.
+  fsdp first (`sharding.batch_shardings`); the envs are stepped here, one env per row.
+
+  With several processes (`jax.distributed`) each steps only its share of the rows, `sharding.process_rows` of the
+  batch (the rows its devices hold): `pool`, `seeds` and `group_ids` are that share's, its host arrays enter the
+  programs through `sharding.host_local_to_global`, and it reads back only its rows of each action
+  (`sharding.process_local`). The EpisodeBatch and the HostRolloutInfo are global arrays (the same as one process
+  stepping every env), and every process runs the same number of steps: the loop ends when no row of any process is
+  live.
   """
   check_choice(actor, "rollout.actor", ACTORS)
   if (mesh is None) != (rules is None):
@@ -323,12 +330,19 @@ def make_host_rollout(model, config: RolloutConfig, tokenizer, actor: str = "mod
       per_row, temperature=1.0, top_k=0, top_p=1.0, greedy=False), mesh, rules)
   act_fn = _host_act(model, per_row, mesh, rules)
   end_of_step = tokenizer.end_of_step_id
+  several = mesh is not None and jax.process_count() > 1
+  first_row, stop_row = sharding_lib.process_rows(config.batch_size, mesh) if several else (0, config.batch_size)
 
   def place(*arrays):
-    """Host arrays [B, ...] as the jitted pieces take them: as they are on one device, over data x fsdp on a mesh."""
+    """Host arrays [B, ...] (this process's rows) as the jitted pieces take them: as they are on one device, over
+    data x fsdp on a mesh (from every process's rows with several)."""
     if mesh is None:
       return arrays
+    if several:
+      return sharding_lib.host_local_to_global(arrays, mesh)
     return jax.device_put(arrays, sharding_lib.batch_shardings(arrays, mesh))
+
+  local = sharding_lib.process_local if several else np.asarray  # this process's rows of a program's output
 
   def expert_actions(pool, live):
     """[B, max_action_len] tokens and [B] lengths of each env's expert command (rows not live: empty)."""
@@ -363,16 +377,18 @@ def make_host_rollout(model, config: RolloutConfig, tokenizer, actor: str = "mod
 
   def host_rollout(params, pool, seeds: Sequence[int], key, group_ids=None, timings: dict | None = None):
     """`timings`, if given, accumulates seconds per phase ("act", "env", "observe"), synchronising the device."""
-    b = config.batch_size
+    b = stop_row - first_row
     clock = _PhaseClock(timings)
     if len(pool) != b or len(seeds) != b:
-      raise ValueError(f"host_rollout: need one env and one seed per row (batch_size={b}), got {len(pool)} envs and "
-                       f"{len(seeds)} seeds")
+      share = "" if b == config.batch_size else f"; this process's share: rows {first_row}-{stop_row - 1}"
+      raise ValueError(f"host_rollout: need one env and one seed per row (batch_size={config.batch_size}{share}), got "
+                       f"{len(pool)} envs and {len(seeds)} seeds")
     first, lengths, overflow = encode(pool.reset(list(seeds)), np.ones(b, bool))
     if overflow.any():
       raise ValueError(f"rollout.max_obs_len: the first observation of env {int(np.argmax(overflow))} is longer than "
                        f"{width} tokens; raise max_obs_len")
-    groups = np.arange(b, dtype=np.int32) if group_ids is None else np.asarray(group_ids, np.int32)
+    groups = (np.arange(first_row, stop_row, dtype=np.int32) if group_ids is None
+              else np.asarray(group_ids, np.int32))
     rs = begin_fn(params, *place(first, lengths, groups))
     success, parsed, obs_overflow = np.zeros(b, bool), np.zeros(b, np.int32), np.zeros(b, bool)
     env_metrics: dict[str, np.ndarray] = {}
@@ -380,11 +396,12 @@ def make_host_rollout(model, config: RolloutConfig, tokenizer, actor: str = "mod
       with clock("act"):
         if actor == "expert":
           rs, action, action_len, active = force_fn(params, rs, step_key,
-                                                    *place(*expert_actions(pool, ~np.asarray(rs.done))))
+                                                    *place(*expert_actions(pool, ~local(rs.done))))
         else:
           rs, action, action_len, active = act_fn(params, rs, step_key)
-        active, action, action_len = np.asarray(active), np.asarray(action), np.asarray(action_len)
-      if not active.any():
+        live = bool(jnp.any(active)) if several else None  # every process's rows: all take the same steps
+        active, action, action_len = local(active), local(action), local(action_len)
+      if not (active.any() if live is None else live):
         break
       with clock("env"):
         requests = [(tokenizer.decode(action[i, :action_len[i]], skip_special=True), action[i, :action_len[i]])
@@ -405,6 +422,14 @@ def make_host_rollout(model, config: RolloutConfig, tokenizer, actor: str = "mod
       with clock("observe"):
         rs = jax.block_until_ready(observe_fn(params, rs, *place(obs, obs_len, reward, term, trunc)))
     batch = finish_fn(rs)
+    if several:  # the per-row counts as global arrays too, over the names any process's envs reported
+      from jax.experimental import multihost_utils  # noqa: PLC0415
+
+      reported = np.asarray([name in env_metrics for name in HOST_INFO_METRICS])
+      reported = np.asarray(multihost_utils.process_allgather(reported)).reshape(-1, len(reported)).any(axis=0)
+      env_metrics = {name: env_metrics.get(name, np.zeros(b, np.float32))
+                     for name, seen in zip(HOST_INFO_METRICS, reported) if seen}
+      success, parsed, obs_overflow, env_metrics = place(success, parsed, obs_overflow, env_metrics)
     return batch, HostRolloutInfo.from_counts(batch, success, parsed, obs_overflow=obs_overflow,
                                               env_metrics=env_metrics)
 

@@ -195,6 +195,29 @@ def host_local_to_global(tree: Any, mesh: Mesh) -> Any:
       lambda x: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(x)), np.asarray(x)), tree)
 
 
+def process_rows(batch_size: int, mesh: Mesh) -> tuple[int, int]:
+  """The rows [start, stop) of a [batch_size, ...] batch split over data x fsdp (`batch_sharding`) that this
+  process's devices hold: its share of a multi-host batch, the one it passes to `host_local_to_global` (with one
+  process, every row). The share must be one block of rows; a mesh whose device order interleaves the processes
+  along data x fsdp is one ValueError line."""
+  indices = batch_sharding(mesh, 1).addressable_devices_indices_map((batch_size,)).values()
+  spans = sorted({(s.start or 0, batch_size if s.stop is None else s.stop) for (s,) in indices})
+  start, stop = spans[0][0], spans[-1][1]
+  if sum(b - a for a, b in spans) != stop - start:
+    raise ValueError(f"mesh: process {jax.process_index()} holds the rows {spans} of a batch of {batch_size}, not one "
+                     "block; order the mesh's devices by process along data x fsdp")
+  return start, stop
+
+
+def process_local(x: jax.Array) -> np.ndarray:
+  """This process's rows (`process_rows`) of a batch-major array split over data x fsdp, as numpy: the inverse of
+  `host_local_to_global` (the whole array when this process can address all of it, or when it is replicated)."""
+  if x.is_fully_addressable or x.is_fully_replicated:
+    return np.asarray(x)
+  blocks = {shard.index[0].start or 0: shard.data for shard in x.addressable_shards}  # tensor-axis copies: one each
+  return np.concatenate([np.asarray(blocks[start]) for start in sorted(blocks)])
+
+
 def with_leading_axis(shardings: Any) -> Any:
   """The NamedShardings of a tree stacked along a new leading axis (e.g. one entry per seed), that axis replicated:
   every device holds its shard of every entry, and a `jax.vmap` over the axis keeps each entry's own layout."""

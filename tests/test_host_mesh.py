@@ -1,6 +1,7 @@
 """experiments.host_runner on a device mesh (config.mesh, one process): a search_qa run on a (2, 2, 2) mesh of the 8
 fake CPU devices (tests/conftest.py) gives the logs of the same run on one device, lays its state out as the rules
-say, and resumes from its sharded checkpoint; several processes are refused in one line naming the mesh field.
+say, and resumes from its sharded checkpoint; and (drill) two processes of 4 devices each, each stepping its share of
+the envs, as one run of 8.
 
 The tiny search_qa data and config are tests/test_experiments_host.py's; the log comparison is
 tests/test_runner_mesh.py's (floats to float32 rounding, everything else equal, the timings left out)."""
@@ -13,26 +14,11 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from experiments import runner
-from experiments.configs import grpo
-from test_experiments_host import data, tiny  # noqa: F401  (tests/ is on the path; `data` is a pytest fixture)
-from test_runner_mesh import MESH, assert_same_logs
+from host_mesh_config import get_config as tiny_mesh  # tests/ is on the path
+from test_experiments_host import data  # noqa: F401  (a pytest fixture)
+from test_runner_mesh import MESH, _train, assert_same_logs
 
 needs_8 = pytest.mark.usefixtures("eight_devices")  # tests/conftest.py
-
-
-def tiny_mesh(data_path, mesh=None, **train):
-  """tests/test_experiments_host.py's tiny search_qa run with every batch divisible by data x fsdp = 4 (4 episodes in
-  one minibatch, 4 held-out), 2 kv heads (tensor = 2 splits them), no SFT and no KL term (the suite's time: they
-  cost 10 s and 5 s of compilation here; the SFT start on the mesh and a reference policy in the state were measured
-  to agree with one device to the same tolerances)."""
-  config = tiny(grpo.get_config(), data_path, **train)
-  config.model.num_kv_heads = 2
-  config.algo.update(minibatches=1, kl_coef=0.0)
-  config.sft.steps = 0
-  config.log.tensorboard = False
-  if mesh:
-    config.mesh.update(**mesh)
-  return config
 
 
 @needs_8
@@ -67,10 +53,20 @@ def test_host_mesh_batches_must_split(data):  # noqa: F811
   assert "\n" not in str(error.value)
 
 
-@needs_8
-def test_host_env_in_several_processes_is_one_line(data, monkeypatch):  # noqa: F811
-  monkeypatch.setattr(jax, "process_count", lambda: 2)
-  with pytest.raises(ValueError, match=r"^mesh\.data: data=2 x fsdp=2 x tensor=2 over 8 devices in 2 processes: the "
-                                       r"host environments \(search_qa, textworld\) are stepped by one process") as e:
-    runner.build(tiny_mesh(data, MESH))
-  assert "\n" not in str(e.value)
+@pytest.mark.drill
+def test_host_env_two_processes_match_one_and_resume(tmp_path, data):  # noqa: F811
+  """search_qa on a (2, 2, 2) mesh: 2 processes x 4 devices, each stepping the envs of its half of every batch, ==
+  1 process x 8 devices stepping all of them, for the SFT start (expert episodes), the metrics and the evaluations
+  of 2 seeds; the 2-process run stops after its first iteration and resumes across the restart. Only process 0
+  writes logs and prints."""
+  config = f"{os.path.join(os.path.dirname(os.path.abspath(__file__)), 'host_mesh_config.py')}:{data}"
+  flags = ("--config.sft.steps=2", "--config.train.seeds=2")
+  _train(tmp_path / "one", 8, 1, *flags, config=config)
+  outs = _train(tmp_path / "two", 4, 2, *flags, "--config.train.iterations=1", config=config)
+  assert "held-out evaluation of 'grpo' after 1 iterations" in outs[0] and "held-out" not in outs[1]
+  outs = _train(tmp_path / "two", 4, 2, *flags, "--resume", config=config)
+  assert "held-out evaluation of 'grpo' after 2 iterations" in outs[0] and "held-out" not in outs[1]
+  assert_same_logs(tmp_path / "one", tmp_path / "two", names=("sft.jsonl", "metrics.jsonl", "eval.jsonl"),
+                   by_seed=True)
+  for seed in ("seed0", "seed1"):
+    assert sorted(d for d in os.listdir(tmp_path / "two" / "checkpoints" / seed) if d.isdigit()) == ["0", "1", "2"]

@@ -49,11 +49,15 @@ def _lines(path):
     return [json.loads(line) for line in f]
 
 
-def assert_same_logs(a_dir, b_dir, names=("metrics.jsonl", "eval.jsonl")):
+def assert_same_logs(a_dir, b_dir, names=("metrics.jsonl", "eval.jsonl"), by_seed=False):
   """The logs of two runs agree line by line: the same keys, integers and flags equal, floats to RTOL / ATOL; the
-  machine-dependent timings (runner.TIMING_KEYS) are left out."""
+  machine-dependent timings (runner.TIMING_KEYS) are left out. by_seed: compare the lines in (seed, iteration)
+  order (a host run resumed in the middle writes its seeds' lines in another order than a run straight through)."""
+  order = lambda line: (line.get("seed", 0), line.get("iteration", 0), line.get("step", 0))  # noqa: E731
   for name in names:
     a, b = _lines(os.path.join(a_dir, name)), _lines(os.path.join(b_dir, name))
+    if by_seed:
+      a, b = sorted(a, key=order), sorted(b, key=order)
     assert len(a) == len(b) and a, (name, len(a), len(b))
     for x, y in zip(a, b):
       x = {k: v for k, v in x.items() if k not in runner.TIMING_KEYS}
@@ -147,15 +151,16 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def _train(workdir, devices: int, processes: int, *flags, timeout: int = 900):
-  """experiments/train.py on tests/runner_mesh_config.py (steppo: SFT warm start, a separate critic) over a (2, 2, 2)
-  mesh of `processes` x `devices` fake CPU devices; every process gets the same command but its --process_id."""
+def _train(workdir, devices: int, processes: int, *flags, config: str = CONFIG, timeout: int = 900):
+  """experiments/train.py on `config` (default tests/runner_mesh_config.py, steppo: SFT warm start, a separate critic)
+  over a (2, 2, 2) mesh of `processes` x `devices` fake CPU devices; every process gets the same command but its
+  --process_id."""
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   # tests/conftest.py's cheapest code generation, with this process's device count.
   env["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0 "
                       "--xla_llvm_disable_expensive_passes=true")
   env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-  command = [sys.executable, TRAIN, f"--config={CONFIG}", f"--workdir={workdir}",
+  command = [sys.executable, TRAIN, f"--config={config}", f"--workdir={workdir}",
              *[f"--config.mesh.{axis}={size}" for axis, size in MESH.items()], *flags]
   if processes > 1:
     command.append(f"--coordinator_address=127.0.0.1:{_free_port()}")

@@ -95,6 +95,17 @@ def test_host_local_to_global_single_process():
 
 
 @needs_8
+@pytest.mark.parametrize("shape", [{"data": 8}, {"data": 2, "fsdp": 2, "tensor": 2}])
+def test_process_rows_and_local_single_process(shape):
+  """One process holds every row; process_local reads a batch-split array (and its tensor-axis copies) back whole.
+  (Two processes, each with half the rows: tests/multihost_worker.py.)"""
+  mesh = sharding.make_mesh(shape)
+  assert sharding.process_rows(16, mesh) == (0, 16)
+  x = np.arange(48, dtype=np.int32).reshape(16, 3)
+  np.testing.assert_array_equal(sharding.process_local(sharding.host_local_to_global(x, mesh)), x)
+
+
+@needs_8
 def test_transformer_logits_and_grads_on_meshes_match_one_device():
   """The real model on (8,1,1), (2,4,1) and (2,2,2) meshes: same logits and gradients as one device, and every
   parameter laid out as the rule table declares."""

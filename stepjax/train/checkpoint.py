@@ -26,6 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from stepjax import checks
+from stepjax import sharding as sharding_lib
 from stepjax.train.state import TrainState, default_sharding
 
 _STATE_ITEM, _EXTRA_ITEM = "state", "extra"
@@ -304,10 +305,12 @@ def restore_usable_checkpoint(directory: str | os.PathLike, abstract: TrainState
   finally:
     manager.close()
   if damaged:
-    for s, _ in damaged:
-      aside = os.path.join(path, f"{s}{DAMAGED_SUFFIX}")
-      shutil.rmtree(aside, ignore_errors=True)  # an older set-aside copy of the same step
-      os.replace(os.path.join(path, str(s)), aside)
+    if jax.process_index() == 0:  # one process moves the shared directory's entries; the others wait for it
+      for s, _ in damaged:
+        aside = os.path.join(path, f"{s}{DAMAGED_SUFFIX}")
+        shutil.rmtree(aside, ignore_errors=True)  # an older set-aside copy of the same step
+        os.replace(os.path.join(path, str(s)), aside)
+    sharding_lib.sync_processes("stepjax.checkpoint.set_aside")
     print_fn("resume: " + "; ".join(f"checkpoint {s} is damaged ({reason}), set aside as {s}{DAMAGED_SUFFIX}"
                                     for s, reason in damaged) + f"; resuming from checkpoint {step}")
   return state, int(step), dict(extra)

@@ -125,7 +125,8 @@ def make_host_train_iteration(model_config: ModelConfig, rollout_config, tokeniz
   With `mesh` and `rules`: the state lives in its shardings (`state.state_shardings`: pass one made there, e.g. by a
   jitted init with those out_shardings, or let the update place it), the rollout's jitted pieces run on it under the
   rules with the host arrays over data x fsdp (`make_host_rollout`'s mesh), and the update places the assembled
-  batch over data x fsdp itself (`make_update`'s mesh). One process steps every env.
+  batch over data x fsdp itself (`make_update`'s mesh). With several processes each steps its share of the rows
+  (`sharding.process_rows`): `pool`, `seeds` and `group_ids` are that share's (`make_host_rollout`).
   """
   update_config.validate()
   host_rollout = rollout_lib.make_host_rollout(Transformer(model_config), rollout_config, tokenizer, mesh=mesh,
