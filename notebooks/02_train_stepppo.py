@@ -19,11 +19,12 @@
 # (`jax.vmap` over seeds), held-out evaluation every few iterations, JSONL logs, TensorBoard files and orbax
 # checkpoints. Here: StepPO on the default task (`lookup_qa`, 2-hop questions, think format).
 #
-# **Runtime.** The default size (a 2-layer 64-wide model, 200 SFT steps, 8 RL iterations of 16 episodes, 2 seeds)
-# took about 3 minutes on a 2-core CPU machine (most of it compiling); a free Colab CPU runtime is similar, with
-# < 2 GB of RAM. `STEPJAX_NOTEBOOK_SIZE=ci` shrinks everything to a smoke test. **GPU/TPU:** nothing to change but
-# the jax install (`jax[cuda12]`); for a real run set `model.dtype="bfloat16"`, raise `sft.steps` (the default
-# config's 300 steps or more), `train.iterations` and `train.eval_episodes` (256), and use 3+ seeds.
+# **Runtime.** The default size (a 2-layer 64-wide model, 200 SFT steps, 8 RL iterations of 16 episodes, 2 seeds) took
+# 80 s and 1.9 GB of RAM at most (peak RSS) on the project's 2-core CPU machine, shared with a test run (most of it
+# compiling); a free Colab CPU runtime also has 2 cores and 12 GB (not measured there). `STEPJAX_NOTEBOOK_SIZE=ci`
+# shrinks everything to a smoke test. **GPU/TPU:** nothing to change but the jax install (`jax[cuda12]`); for a real
+# run set `model.dtype="bfloat16"`, raise `sft.steps` (the default config's 300 steps or more), `train.iterations` and
+# `train.eval_episodes` (256), and use 3+ seeds.
 #
 # **Read the numbers honestly.** At this size the 2-hop think task is barely learnt: the warm start is short and
 # 8 iterations are far too few for RL to move held-out success. The notebook shows the machinery; `make demo` and
