@@ -3,7 +3,8 @@
 `build(config)` turns a config (experiments/configs/base.py lists every field) into stepjax objects and checks every
 field first: a wrong name or an impossible size is one ValueError line naming the field, before anything compiles.
 
-`run(config, workdir)` (pure-JAX environments) trains `train.seeds` runs in one program (`jax.vmap` over seeds):
+`run(config, workdir)` (pure-JAX environments) trains `train.seeds` runs in one program (`jax.vmap` over seeds), or
+in groups of `train.seeds_at_once` seeds one after another when the devices have no room for all of them at once:
 
   SFT     `train.sft.steps` behaviour-cloning steps on scripted-expert episodes (once, shared by every seed, or once
           per seed with `sft.per_seed`), in jitted chunks of `lax.scan`;
@@ -24,16 +25,17 @@ field first: a wrong name or an impossible size is one ValueError line naming th
 `run` on a host environment (search_qa, textworld) hands over to `experiments.host_runner`: the same config, logs,
 checkpoints and resume, with the seeds one after another.
 
-On a device mesh (config.mesh, sizes other than all 1): `build` makes the mesh over every device
-of every process and checks that the model's split dimensions and every batch divide by it. The programs above are the
-same functions, jitted with explicit shardings under the logical-axis rules (`stepjax.sharding`): the stacked TrainState
-(policy, critic, reference policy, Adam moments) is laid out by the rules with its leading seed axis replicated, and
-the model's `nn.with_logical_constraint`s split each seed's episodes (rollout, update, evaluation, SFT) over data x
-fsdp; the seeds stay vmapped. With several processes (`jax.distributed.initialize`, experiments/train.py) each runs the
-same program; process 0 alone writes the logs, TensorBoard files and config.json, shows progress and prints, and every
-process writes its shards of each checkpoint (orbax's multi-process save; a resume restores into the shardings).
-Host environments run on a mesh too, in one process or several (experiments/host_runner.py: each process steps the
-envs of its share of the rows, the programs run over the mesh).
+On a device mesh (config.mesh, sizes other than all 1): `build` makes the mesh over every device of every process and
+checks that the model's split dimensions and every batch divide by it. The programs above are the same functions,
+jitted with explicit shardings under the logical-axis rules (`stepjax.sharding`): the stacked TrainState (policy,
+critic, reference policy, Adam moments) is laid out by the rules with its leading seed axis replicated, and the
+model's `nn.with_logical_constraint`s split each seed's episodes (rollout, update, evaluation, SFT) over data x fsdp;
+the seeds stay vmapped (in groups of train.seeds_at_once, if set). With several processes
+(`jax.distributed.initialize`, experiments/train.py) each runs the same program; process 0 alone writes the logs,
+TensorBoard files and config.json, shows progress and prints, and every process writes its shards of each checkpoint
+(orbax's multi-process save; a resume restores into the shardings). Host environments run on a mesh too, in one
+process or several (experiments/host_runner.py: each process steps the envs of its share of the rows, the programs run
+over the mesh).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ import functools
 import json
 import math
 import os
+import re
 import shutil
 import time
 from typing import Any, Callable
@@ -412,6 +415,7 @@ def build(config: ml_collections.ConfigDict) -> Setup:
   if iterations % eval_every:
     checks.fail("train.eval_every", f"{eval_every} must divide train.iterations={iterations}")
   num_seeds = checks.check_int(t.seeds, "train.seeds", 1)
+  checks.check_int(t.get("seeds_at_once", 0), "train.seeds_at_once", 0)
   checks.check_int(t.seed_offset, "train.seed_offset", 0)
   checks.check_int(t.eval_episodes, "train.eval_episodes", 1)
   checks.check_int(t.task_pool, "train.task_pool", 0)
@@ -821,12 +825,18 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, resume: bool = False
         setup: Setup | None = None, print_fn: Callable[[str], None] = print) -> dict:
   """Trains `config` in `workdir`; see the module docstring. Returns {"records": per-seed held-out curves (the
   `experiments.report` format), "final": the last evaluation per seed, "table": the summary table (markdown),
-  "state": the final TrainState (stacked over seeds; a tuple of per-seed states for a host environment)}.
+  "state": the final TrainState (stacked over seeds; a tuple of such states, one per group of train.seeds_at_once
+  seeds, when they run in turn; a tuple of per-seed states for a host environment)}.
 
   sft_params: a warm start computed elsewhere (an ablation shares one per seed across methods); None runs the
   configured SFT. resume: continue from the newest usable checkpoint in workdir/checkpoints (a missing or empty
   directory, or no readable checkpoint, is a one-line FileNotFoundError, raised before anything compiles); without
   it the run starts over in workdir (`_start_over`).
+
+  train.seeds_at_once = n (0: all): the seeds run in groups of n, one group after another, each group's seeds vmapped
+  in one program as all of them are otherwise: for a mesh without room for every seed's state at once. Each group
+  has its checkpoints in checkpoints/seeds<first>-<last>, holding its starting state (step 0) from the beginning, so
+  a resume continues every group where it stopped; the logs are the same files, with the same lines.
   """
   setup = build(config) if setup is None else setup
   if setup.host is not None:
@@ -843,47 +853,110 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, resume: bool = False
     print_fn = lambda _: None  # noqa: E731
   os.makedirs(workdir, exist_ok=True)
   checkpoint_dir = os.path.join(workdir, "checkpoints")
+  groups = seed_groups(setup)
+  group_dirs = [checkpoint_dir] if len(groups) == 1 else [
+      os.path.join(checkpoint_dir, f"seeds{group[0]}-{group[-1]}") for group in groups]
   if resume:
     if not os.path.isdir(checkpoint_dir):
       raise FileNotFoundError(f"checkpoint.directory: {checkpoint_dir} does not exist (nothing to resume)")
-    checkpoint_lib.checkpoint_steps(checkpoint_dir)  # raises when no complete checkpoint is there
+    for directory in group_dirs:
+      checkpoint_lib.checkpoint_steps(directory)  # raises when no complete checkpoint is there
   elif primary:
     _start_over(workdir, checkpoint_dir)
   if primary:
     _write_text(os.path.join(workdir, "config.json"), config.to_json(indent=1))
   if mesh is not None:
     sharding_lib.sync_processes("stepjax.runner.start")  # the others open the checkpoints once they are started over
+  if not resume and sft_params is None:
+    sft_params = warm_start(setup, progress=config.log.progress,
+                            log=lambda line: _append_jsonl(os.path.join(workdir, "sft.jsonl"), line))
+  per_seed = sft_params is not None and _is_stacked(sft_params, setup)
 
-  seeds = setup.seeds
-  keys = jnp.stack([jax.random.fold_in(jax.random.key(seed), 1) for seed in seeds])
-  eval_key = jax.random.key(t.eval_seed)
+  if len(groups) == 1:
+    state, evals = _train_seeds(setup, workdir, checkpoint_dir, resume=resume, sft_params=sft_params,
+                                per_seed=per_seed, primary=primary, print_fn=print_fn)
+  else:
+    if not resume:  # every group's starting state first: a resume can then start any group without the warm start
+      for group, directory in zip(groups, group_dirs):
+        start = sft_params
+        if per_seed:
+          first = setup.seeds.index(group[0])
+          start = jax.tree.map(lambda x: x[first:first + len(group)], sft_params)  # noqa: B023
+        _save_start(dataclasses.replace(setup, seeds=group), directory, start, per_seed)
+    state, evals = [], []
+    for group, directory in zip(groups, group_dirs):
+      group_state, group_evals = _train_seeds(dataclasses.replace(setup, seeds=group), workdir, directory,
+                                              resume=True, sft_params=None, per_seed=per_seed, primary=primary,
+                                              print_fn=print_fn)
+      state.append(group_state)
+      evals += group_evals
+    state = tuple(state)
+
+  eval_lines = _read_jsonl(os.path.join(workdir, "eval.jsonl")) if primary else evals
+  records = records_from_eval(name, eval_lines)
+  table = _summary(name, records, eval_lines, print_fn)
+  return {"records": records, "final": [line for line in eval_lines if line["iteration"] == t.iterations],
+          "table": table, "state": state}
+
+
+def seed_groups(setup: Setup) -> list[tuple[int, ...]]:
+  """The seeds in the groups that run one after another (train.seeds_at_once; 0 = all in one group)."""
+  n = setup.config.train.get("seeds_at_once", 0) or len(setup.seeds)
+  return [setup.seeds[i:i + n] for i in range(0, len(setup.seeds), n)]
+
+
+def _keys_and_eval_key(setup: Setup):
+  """The seeds' stacked state keys, the held-out key and the env params, replicated over the mesh if there is one."""
+  keys = jnp.stack([jax.random.fold_in(jax.random.key(seed), 1) for seed in setup.seeds])
+  eval_key = jax.random.key(setup.config.train.eval_seed)
   env_params = setup.env_params
-  if mesh is not None:
-    replicated = sharding_lib.replicated(mesh)
+  if setup.mesh is not None:
+    replicated = sharding_lib.replicated(setup.mesh)
     keys = sharding_lib.put_global(np.asarray(jax.random.key_data(keys)), replicated)
     eval_key = sharding_lib.put_global(np.asarray(jax.random.key_data(eval_key)), replicated)
     env_params = sharding_lib.put_global(env_params, replicated)
-  if not resume and sft_params is None:
-    sft_params = warm_start(setup, progress=config.log.progress,
-                                log=lambda line: _append_jsonl(os.path.join(workdir, "sft.jsonl"), line))
-  per_seed = sft_params is not None and _is_stacked(sft_params, setup)
+  return keys, eval_key, env_params
+
+
+def _save_start(setup: Setup, directory: str, sft_params: Any, per_seed: bool) -> None:
+  """Checkpoint 0 of a group of seeds: their starting TrainState (from `sft_params`, or a random init)."""
+  keys, _, _ = _keys_and_eval_key(setup)
+  manager = train.make_checkpoint_manager(directory, max_to_keep=setup.config.train.keep_checkpoints)
+  try:
+    train.save_checkpoint(manager, _programs(setup, per_seed)["init"](keys, sft_params), 0,
+                          {"iteration": 0, "env_steps": [0] * len(setup.seeds), "name": setup.config.name})
+  finally:
+    checkpoint_lib.finish_saves(manager)
+
+
+def _train_seeds(setup: Setup, workdir: str, checkpoint_dir: str, *, resume: bool, sft_params: Any, per_seed: bool,
+                 primary: bool, print_fn: Callable[[str], None]) -> tuple[Any, list[dict]]:
+  """RL for setup.seeds in one vmapped program, from `sft_params` or (resume) the newest usable checkpoint in
+  checkpoint_dir, to train.iterations, appending to workdir's logs (only the lines of these seeds are cut on a
+  resume). -> (the final stacked TrainState, these seeds' evaluation lines when this process writes no logs)."""
+  config = setup.config
+  t, name = config.train, config.name
+  seeds = setup.seeds
+  keys, eval_key, env_params = _keys_and_eval_key(setup)
   programs = _programs(setup, per_seed)
 
   earlier_evals = []  # a resumed run's evaluations before it (the records of a process that writes no logs)
   if resume:
     # The warm start is inside the checkpoint; a random init has the same shapes.
-    abstract = jax.eval_shape(programs["init"], keys, None) if mesh is None else programs["abstract"](keys)
+    abstract = jax.eval_shape(programs["init"], keys, None) if setup.mesh is None else programs["abstract"](keys)
     state, iteration, extra = checkpoint_lib.restore_usable_checkpoint(checkpoint_dir, abstract, print_fn=print_fn)
     env_steps = np.asarray(extra["env_steps"], np.int64)
+    kept = lambda line: line["seed"] not in seeds or line["iteration"] <= iteration  # noqa: E731
+    ours = lambda lines: [line for line in lines if line["seed"] in seeds]  # noqa: E731
     if primary:
-      metrics = _cut_jsonl(os.path.join(workdir, "metrics.jsonl"), lambda line: line["iteration"] <= iteration)
-      evals = _cut_jsonl(os.path.join(workdir, "eval.jsonl"), lambda line: line["iteration"] <= iteration)
-      gaps = _log_gaps(metrics, evals, seeds, iteration, t.eval_every)
+      metrics = _cut_jsonl(os.path.join(workdir, "metrics.jsonl"), kept)
+      evals = _cut_jsonl(os.path.join(workdir, "eval.jsonl"), kept)
+      gaps = _log_gaps(ours(metrics), ours(evals), seeds, iteration, t.eval_every)
       if gaps:
         print_fn(f"resume: the logs in {workdir} do not match checkpoint {iteration}: {gaps}")
     else:  # process 0 cuts the file (atomically); what lies beyond the checkpoint is left out either way
-      earlier_evals = [line for line in _read_jsonl(os.path.join(workdir, "eval.jsonl"), torn_tail=True)
-                       if line["iteration"] <= iteration]
+      evals = [line for line in _read_jsonl(os.path.join(workdir, "eval.jsonl"), torn_tail=True) if kept(line)]
+    earlier_evals = ours(evals)
   else:
     state = programs["init"](keys, sft_params)
     iteration, env_steps = 0, np.zeros(len(seeds), np.int64)
@@ -897,7 +970,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, resume: bool = False
     logger.close()
     raise
   try:
-    if not resume:
+    if iteration == 0 and not any(line["iteration"] == 0 for line in earlier_evals):  # the start's evaluation
       _evaluate(programs, state, setup, env_params, eval_key, iteration, env_steps, logger)
     chunks_done = iteration // t.eval_every
     while iteration < t.iterations:
@@ -944,14 +1017,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, resume: bool = False
     finally:
       logger.close()
 
-  if primary:
-    eval_lines = _read_jsonl(os.path.join(workdir, "eval.jsonl"))
-  else:
-    eval_lines = earlier_evals + logger.kept.get("eval.jsonl", [])
-  records = records_from_eval(name, eval_lines)
-  table = _summary(name, records, eval_lines, print_fn)
-  return {"records": records, "final": [line for line in eval_lines if line["iteration"] == t.iterations],
-          "table": table, "state": state}
+  return state, earlier_evals + logger.kept.get("eval.jsonl", [])
 
 
 def _append_jsonl(path: str, *lines: dict) -> None:
@@ -971,7 +1037,7 @@ def _start_over(workdir: str, checkpoint_dir: str) -> None:
   may be a mount or a link). Only then the logs are emptied, so a kill in between leaves the old run resumable."""
   if os.path.isdir(checkpoint_dir):
     for name in os.listdir(checkpoint_dir):
-      if name.isdigit():
+      if name.isdigit() or re.fullmatch(r"seeds\d+-\d+", name):  # a step, or a group of seeds' directory
         aside = os.path.join(checkpoint_dir, name + ".discarded")
         shutil.rmtree(aside, ignore_errors=True)  # left by a start-over that was killed
         os.replace(os.path.join(checkpoint_dir, name), aside)

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -33,7 +34,7 @@ def small(config, **train):
   config.rollout.update(num_tasks=2, episodes_per_task=2)
   config.algo.minibatches = 2
   config.sft.update(steps=2, num_tasks=4)
-  config.train.update(iterations=4, eval_every=2, eval_episodes=4, seeds=2, **train)
+  config.train.update({"iterations": 4, "eval_every": 2, "eval_episodes": 4, "seeds": 2, **train})
   config.log.update(progress=False, tensorboard=True)
   return config
 
@@ -121,6 +122,30 @@ def _lines(path):
 
 def _without_timing(lines):
   return [{k: v for k, v in line.items() if k not in runner.TIMING_KEYS} for line in lines]
+
+
+def test_seeds_in_groups_match_one_program_and_resume(tmp_path):
+  """train.seeds_at_once=1: the 2 seeds run one after another (each group's checkpoints in checkpoints/seeds<k>-<k>,
+  its start saved as checkpoint 0), with the logs and final states of the run that vmaps both; a resume continues a
+  group that had only its start (killed before its first checkpoint) and one that had finished its part."""
+  from test_runner_mesh import assert_same_logs  # noqa: PLC0415  (tests/ is on the path)
+
+  quiet = lambda _: None  # noqa: E731
+  together = runner.run(small(steppo.get_config()), str(tmp_path / "one"), print_fn=quiet)
+  runner.run(small(steppo.get_config(), seeds_at_once=1, iterations=2), str(tmp_path / "groups"), print_fn=quiet)
+  checkpoints = tmp_path / "groups" / "checkpoints"
+  assert sorted(os.listdir(checkpoints)) == ["seeds0-0", "seeds1-1"]
+  assert sorted(os.listdir(checkpoints / "seeds1-1")) == ["0", "2"]
+  shutil.rmtree(checkpoints / "seeds1-1" / "2")  # seed 1 as if killed before its first checkpoint
+  apart = runner.run(small(steppo.get_config(), seeds_at_once=1), str(tmp_path / "groups"), resume=True,
+                     print_fn=quiet)
+  assert_same_logs(tmp_path / "one", tmp_path / "groups", by_seed=True)
+  assert [(r["seed"], r["env_steps"]) for r in apart["records"]] == [(r["seed"], r["env_steps"])
+                                                                     for r in together["records"]]
+  assert len(apart["state"]) == 2
+  for i, group_state in enumerate(apart["state"]):
+    for a, b in zip(jax.tree.leaves(together["state"]), jax.tree.leaves(group_state)):
+      np.testing.assert_allclose(np.asarray(b)[0], np.asarray(a)[i], rtol=1e-4, atol=1e-5)
 
 
 def test_resume_is_bit_identical(tmp_path):

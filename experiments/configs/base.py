@@ -157,6 +157,7 @@ def get_config() -> ml_collections.ConfigDict:
       iterations=30,
       seeds=3,  # seeds seed_offset ... seed_offset + seeds - 1: vmapped in one program (JAX envs), in turn (host)
       seed_offset=0,
+      seeds_at_once=0,  # > 0 (JAX envs): the seeds run in groups of this many, one group after another (0: all at once)
       eval_every=5,  # iterations between held-out evaluations (must divide iterations)
       eval_episodes=256,
       eval_seed=1_000_003,  # held-out task keys come from this seed only; training keys never do
@@ -174,7 +175,8 @@ def get_config() -> ml_collections.ConfigDict:
   # jax.device_count() (every process's devices, after jax.distributed.initialize: experiments/train.py
   # --distributed=auto), the seeds stay vmapped (their axis replicated) and each seed's episodes split over data x
   # fsdp, so every batch (rollout.num_tasks x episodes_per_task, its minibatches, train.eval_episodes, sft.num_tasks)
-  # must divide by data x fsdp. Pure-JAX environments only: host environments run on one device in one process.
+  # must divide by data x fsdp. Without room for every seed's state at once, train.seeds_at_once runs them in groups.
+  # Host environments run on a mesh too, one process or several (each stepping the envs of its share of the rows).
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1, rules="fsdp_tp"))
 
   c.log = ml_collections.ConfigDict(dict(tensorboard=True, progress=True))
