@@ -131,6 +131,7 @@ def test_seeds_in_groups_match_one_program_and_resume(tmp_path):
   from test_runner_mesh import assert_same_logs  # noqa: PLC0415  (tests/ is on the path)
 
   quiet = lambda _: None  # noqa: E731
+  # small()'s config as test_resume_is_bit_identical runs it, so that the two-seed programs compile once per worker.
   together = runner.run(small(steppo.get_config()), str(tmp_path / "one"), print_fn=quiet)
   runner.run(small(steppo.get_config(), seeds_at_once=1, iterations=2), str(tmp_path / "groups"), print_fn=quiet)
   checkpoints = tmp_path / "groups" / "checkpoints"
