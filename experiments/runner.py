@@ -223,15 +223,18 @@ def _jax_env(config, tokenizer):
   with checks.section("env"):
     if e.name == "lookup_qa":
       env = lookup_qa.LookupQA(tokenizer, num_entities=e.num_entities, max_hops=e.max_hops,
-                               max_action_len=r.max_action_len, step_format=e.step_format,
-                               think_wording=e.think_wording)
+                               num_relations=e.num_relations, max_action_len=r.max_action_len,
+                               step_format=e.step_format, think_wording=e.think_wording)
       if not 1 <= e.hops <= e.max_hops:
         checks.fail("hops", f"must be in [1, env.max_hops={e.max_hops}], got {e.hops!r}")
-      checks.check_number(e.expert_slip, "expert_slip", lambda v: 0 <= v <= 1, "in [0, 1]")
+      for field in ("expert_slip", "expert_skip"):
+        checks.check_number(e[field], field, lambda v: 0 <= v <= 1, "in [0, 1]")
       params = env.default_params().replace(hops=e.hops, max_steps=r.max_steps, invalid_penalty=e.invalid_penalty,
-                                            expert_slip=float(e.expert_slip))
-    elif e.expert_slip:
-      checks.fail("expert_slip", f"only lookup_qa has an imperfect expert; {e.name} takes 0.0, got {e.expert_slip!r}")
+                                            expert_slip=float(e.expert_slip), expert_skip=float(e.expert_skip))
+    else:
+      for field in ("expert_slip", "expert_skip"):
+        if e[field]:
+          checks.fail(field, f"only lookup_qa has an imperfect expert; {e.name} takes 0.0, got {e[field]!r}")
     if e.name == "textworld_lite":
       env = textworld_lite.TextWorldLite(tokenizer, num_rooms=e.num_rooms, max_action_len=r.max_action_len,
                                          step_format=e.step_format)

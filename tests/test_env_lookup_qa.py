@@ -297,6 +297,56 @@ def test_imperfect_expert_misreads_author_as_city(slip):
     assert 0.25 * author_questions <= misread_answers <= 0.75 * author_questions
 
 
+@pytest.mark.parametrize("skip", [1.0, 0.5])
+def test_imperfect_expert_stops_early(skip):
+  """expert_skip: after reading the first fact of a 2-hop chain the expert answers, with that probability, the entity
+  it just read, its think span restating that (right) fact; a skipped episode ends there, wrong, and every other
+  one is the perfect expert's (a reference built from the episode's chain, 128 episodes)."""
+  hops = 2
+  run = FACT_ROLLOUT(KEYS, params(hops=hops, expert_skip=skip), EXPERT)
+  skipped = 0
+  for b in range(NUM_EPISODES):
+    state, _, _ = FACT_ENV.reset(jax.random.split(KEYS[b], 3)[0], params(hops=hops))  # the runner's reset key
+    chain = [NAMES[int(e)] for e in state.chain]
+    relation = [RELATIONS[int(r)] for r in state.path]
+    assert _action_text(run, b, 0) == f"<think>find the {relation[0]} of {chain[0]} first</think>search {chain[0]}"
+    fact = f"<think>{chain[0]} has {relation[0]} {chain[1]}"
+    if _action_text(run, b, 1) == f"{fact}; the answer is {chain[1]}</think>answer {chain[1]}":
+      skipped += 1
+      assert run["terminated"][b, 1] and not run["success"][b].any() and run["final_state"].step_count[b] == 2
+      continue
+    assert _action_text(run, b, 1) == f"{fact}; next the {relation[1]} of {chain[1]}</think>search {chain[1]}"
+    assert run["success"][b, 2] and run["final_state"].step_count[b] == 3
+  if skip == 1.0:
+    assert skipped == NUM_EPISODES
+  else:
+    assert 0.35 * NUM_EPISODES <= skipped <= 0.65 * NUM_EPISODES
+
+
+def test_fewer_relations_per_fact_line():
+  """num_relations=2: questions and fact lines use the first two relations only, the expert still solves every
+  episode, and the think-format expert's steps restate the shorter lines' facts."""
+  words = WordTokenizer(vocabulary(), extra_special_tokens=("<think>", "</think>"))
+  env = LookupQA(words, num_entities=16, max_hops=2, num_relations=2, step_format="think", think_wording="fact")
+  p = env.default_params().replace(hops=2)
+  run = make_env_runner(env, 4)(KEYS[:16], p, EXPERT)
+  assert run["success"].any(axis=1).all() and (run["final_state"].step_count == 3).all()
+  for b in range(4):
+    state = jax.tree_util.tree_map(lambda x: x[b], run["initial_state"])
+    assert state.facts.shape == (16, 2) and set(np.asarray(state.path).tolist()) <= {0, 1}
+    chain = [NAMES[int(e)] for e in state.chain]
+    facts = np.asarray(state.facts)
+    line = words.decode(np.asarray(run["obs"][b, 0, :run["obs_len"][b, 0]]))
+    assert line == f"{chain[0]}: mentor {NAMES[facts[state.chain[0], 0]]}; city {NAMES[facts[state.chain[0], 1]]}.\n> "
+    relation = RELATIONS[int(state.path[0])]
+    step = words.decode(np.asarray(run["action"][b, 1, :run["action_len"][b, 1] - 1]))
+    assert step.startswith(f"<think>{chain[0]} has {relation} {chain[1]}; next the ")
+  assert env.max_obs_lens["facts"] < LookupQA(words, num_entities=16, max_hops=2).max_obs_lens["facts"]
+  for bad in (0, 5):
+    with pytest.raises(ValueError, match="num_relations"):
+      LookupQA(words, num_relations=bad)
+
+
 def test_think_format_expert_succeeds_and_plain_commands_are_invalid():
   run = THINK_ROLLOUT(KEYS, params(hops=3), EXPERT)
   assert run["success"].any(axis=1).all()

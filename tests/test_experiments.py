@@ -92,6 +92,8 @@ def test_one_hop_regime_is_the_first_release_main_job():
     ("env.name", "atari", r"^env\.name: unknown 'atari'; allowed: lookup_qa, textworld_lite, grid_nav"),
     ("env.hops", 3, r"^env\.hops: must be in \[1, env\.max_hops=2\], got 3"),
     ("env.expert_slip", 1.5, r"^env\.expert_slip: must be in \[0, 1\]"),
+    ("env.expert_skip", -0.1, r"^env\.expert_skip: must be in \[0, 1\]"),
+    ("env.num_relations", 5, r"^env\.num_relations: expected 1 \.\.\. 4, got 5"),
     ("model.preset", "gpt5", r"^model\.preset: unknown 'gpt5'; allowed: " + ", ".join(PRESETS) + r" \(or model"),
     ("model.checkpoint", "/nonexistent/ckpt", r"^model\.checkpoint: /nonexistent/ckpt is not a directory"),
     ("tokenizer", "gpt2", r"^tokenizer: 'gpt2' is not allowed"),

@@ -46,6 +46,7 @@ def get_config() -> ml_collections.ConfigDict:
       # lookup_qa: difficulty, pool size and the largest hop count the buffers are sized for.
       hops=config_dict.placeholder(int), max_hops=config_dict.placeholder(int),
       num_entities=config_dict.placeholder(int),
+      num_relations=config_dict.placeholder(int),  # lookup_qa: relations per fact line, the first 1-4 of 4
       # lookup_qa's think spans: "question" ("the r of e is v") or "fact" ("e has r v", the fact line's order).
       think_wording=config_dict.placeholder(str),
       num_rooms=config_dict.placeholder(int),  # textworld_lite
@@ -54,6 +55,9 @@ def get_config() -> ml_collections.ConfigDict:
       # lookup_qa: probability that the scripted expert (the SFT demonstrations) answers a question ending in "author"
       # from the "city" fact instead: an imperfect expert that leaves room for RL (0.0: the perfect expert).
       expert_slip=0.0,
+      # lookup_qa: probability that the expert, after reading each fact but the last, answers the entity just read
+      # instead of following the chain: an imperfect decision, not an imperfect copy (0.0: the perfect expert).
+      expert_skip=0.0,
       # search_qa: the question file (required) and its format (hotpotqa, 2wikimultihopqa, musique); an optional
       # corpus JSONL of {"title", "text"} passages (None: the questions' context paragraphs); where the BM25 index is
       # saved (None: <data>.bm25 next to the question file); "command" or "tags" calls; passages per search and the

@@ -43,7 +43,8 @@ ENV_PRESETS: dict[str, dict[str, dict]] = {
     # 2 x 64 model's SFT start at chance after 1,600 steps; see docs/results.md, "Choosing the SFT start".
     "lookup_qa": {
         "": {"tokenizer": "word"},
-        "env": {"step_format": "think", "think_wording": "fact", "hops": 2, "max_hops": 2, "num_entities": 16},
+        "env": {"step_format": "think", "think_wording": "fact", "hops": 2, "max_hops": 2, "num_entities": 16,
+                "num_relations": 4},
         "rollout": {"max_steps": 4, "max_len": 256, "max_action_len": 40},
         "model": {"max_position_embeddings": 256, "attention_block": 32},
     },
@@ -111,6 +112,7 @@ REGIMES: dict[str, dict[str, object]] = {
     # (make demo fits in minutes on 2 CPU cores), but a step and its tokens are nearly the same thing there.
     "one_hop": {
         "tokenizer": "word", "env.step_format": "plain", "env.hops": 1, "env.max_hops": 1, "env.num_entities": 16,
+        "env.num_relations": 4,
         "rollout.max_steps": 4, "rollout.max_len": 128, "rollout.max_action_len": 6,
         "model.max_position_embeddings": 512, "model.attention_block": 0,
     },

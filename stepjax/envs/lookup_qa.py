@@ -15,11 +15,15 @@ plus its other relations as distractors) and ends the episode with `answer <name
     > answer Jorn
     Correct.
 
+With `num_relations` < 4 every line has the first relations of RELATIONS only ("Zorva: mentor Kalin; city Pemo."):
+fewer distractors to read past, the same chain.
+
 Rewards: 1.0 for the right answer (terminated, success), 0.0 for a wrong one (terminated), `params.invalid_penalty`
 for an action that spells no command (including `search` of a name outside the pool), 0.0 otherwise. Hitting
 `params.max_steps` truncates. The scripted expert searches along the chain and answers: success 1.0 whenever
-max_steps >= hops + 1. A uniformly random command from the table succeeds about 1/num_entities of the time (it
-answers early, at random: measured 0.027-0.035 over 4096 episodes at hops 1-4), random tokens never parse (0.0).
+max_steps >= hops + 1 (`params.expert_slip` and `params.expert_skip` make it imperfect on purpose). A uniformly
+random command from the table succeeds about 1/num_entities of the time (it answers early, at random: measured
+0.027-0.035 over 4096 episodes at hops 1-4), random tokens never parse (0.0).
 
 Sizes with ByteTokenizer and the defaults (32 entities, max_hops 4): initial observation <= 119 tokens, search
 result <= 62, answer <= 21, invalid-action feedback 55; max_obs_len 119. The expert's actions take up to 13 tokens
@@ -57,9 +61,14 @@ RELATIONS = ("mentor", "city", "rival", "author")
 STEP_FORMATS = ("plain", "think")
 THINK_WORDINGS = ("question", "fact")
 SUCCESS_REWARD = 1.0
-# The imperfect expert's one systematic slip (`LookupQAParams.expert_slip`): the relation it misreads, and the one it
-# reads instead, when it answers.
-SLIP = (RELATIONS.index("author"), RELATIONS.index("city"))
+
+
+def slip_relations(num_relations: int) -> tuple[int, int]:
+  """The imperfect expert's one systematic slip (`LookupQAParams.expert_slip`): the relation it misreads when it
+  answers, and the one it reads instead. With all 4 relations "author" read as "city"; with fewer, the last relation
+  read as "city" (3) or "mentor" (2); with 1 there is nothing else to read and the slip changes nothing."""
+  return num_relations - 1, 1 if num_relations > 2 else 0
+
 
 INTRO_TEXT = "Answer with: search <name>, answer <name>.\n"
 INVALID_TEXT = "Invalid action. Use: search <name> or answer <name>.\n> "
@@ -91,21 +100,26 @@ def vocabulary() -> tuple[str, ...]:
 class LookupQAParams:
   """Traced per-run settings. `hops` is the difficulty knob (clipped to [1, max_hops]); `max_steps` truncates;
   `invalid_penalty` is added for an action that spells no command (0.0 keeps the reward sparse; e.g. -0.1 shapes
-  the command format). `expert_slip` makes the scripted expert imperfect in one systematic way: answering a
-  question whose last relation is "author", it reads the "city" fact instead with this probability (SLIP), so
-  demonstrations leave room for RL that a perfect expert's do not (0.0: the perfect expert)."""
+  the command format). Two ways to make the scripted expert imperfect, so that demonstrations leave room for RL that
+  a perfect expert's do not (0.0: the perfect expert):
+  `expert_slip`: answering a question whose last relation is "author", it reads the "city" fact instead with this
+  probability (`slip_relations`): a wrong fact copied.
+  `expert_skip`: after reading each fact but the last, it stops early with this probability and answers the entity
+  it just read ("Zorva has mentor Kalin; the answer is Kalin"): a wrong decision (to answer instead of following the
+  chain), made inside the think span, while every fact it restates is read right."""
 
   hops: int = 2
   max_steps: int = 8
   invalid_penalty: float = 0.0
   expert_slip: float = 0.0
+  expert_skip: float = 0.0
 
 
 @struct.dataclass
 class LookupQAState:
-  """One episode. N = num_entities, H = max_hops, R = len(RELATIONS)."""
+  """One episode. N = num_entities, H = max_hops, R = num_relations."""
 
-  facts: Array  # [N, R] int32: facts[e, r] = the entity that is relation r of entity e
+  facts: Array  # [N, R] int32: facts[e, r] = the entity that is relation r of entity e (R = num_relations)
   chain: Array  # [H + 1] int32: e0 ... eH, distinct; the answer is chain[hops]
   path: Array  # [H] int32: the relation r_{i+1} leading from chain[i] to chain[i + 1]
   hops: Array  # [] int32
@@ -119,7 +133,8 @@ class LookupQAState:
 class LookupQA(Environment):
   """Multi-hop QA over a per-episode knowledge base; see the module docstring.
 
-  Static settings: `num_entities` (pool size, 2 verbs x pool = the command table), `max_hops`, `max_obs_len`
+  Static settings: `num_entities` (pool size, 2 verbs x pool = the command table), `max_hops`, `num_relations`
+  (the first 1-4 of RELATIONS on every fact line and in the questions), `max_obs_len`
   (default: the worst case; a larger value pads, a smaller one is a ValueError), `max_action_len` (default 24
   plain, 64 think), `step_format` ("plain", or "think": `<think>...</think>` then exactly one command),
   `think_wording` (how the expert's think span restates the fact just read: "question", "the r of e is v", or
@@ -128,17 +143,21 @@ class LookupQA(Environment):
 
   name = "lookup_qa"
 
-  def __init__(self, tokenizer: Tokenizer, *, num_entities: int = 32, max_hops: int = 4,
+  def __init__(self, tokenizer: Tokenizer, *, num_entities: int = 32, max_hops: int = 4, num_relations: int = 4,
                max_obs_len: int | None = None, max_action_len: int | None = None, step_format: str = "plain",
                think_wording: str = "question"):
     check_choice(step_format, "step_format", STEP_FORMATS)
     check_choice(think_wording, "think_wording", THINK_WORDINGS)
     check_int(max_hops, "max_hops", 1)
+    if not 1 <= check_int(num_relations, "num_relations") <= len(RELATIONS):
+      fail("num_relations", f"expected 1 ... {len(RELATIONS)}, got {num_relations}")
     if not max_hops + 1 <= check_int(num_entities, "num_entities") <= len(ENTITY_NAMES):
       fail("num_entities", f"expected max_hops + 1 = {max_hops + 1} ... {len(ENTITY_NAMES)}, got {num_entities}")
     self.tokenizer = tokenizer
     self.num_entities = num_entities
     self.max_hops = max_hops
+    self.num_relations = num_relations
+    self.relations = RELATIONS[:num_relations]
     self.step_format = step_format
     self.think_wording = think_wording
     self.entity_names = ENTITY_NAMES[:num_entities]
@@ -154,7 +173,7 @@ class LookupQA(Environment):
       return len(texts) - len(pieces)
 
     self._name0 = add(*names)
-    self._relation0 = add(*RELATIONS)
+    self._relation0 = add(*self.relations)
     self._intro = add(INTRO_TEXT)
     self._question = add("Q: what is the ")
     self._of_the = add(" of the ")
@@ -172,7 +191,6 @@ class LookupQA(Environment):
     self._think = {text: add(text) for text in THINK_TEXTS if text != " of "} if step_format == "think" else {}
     self.fragments = Fragments(tokenizer, texts)
 
-    num_relations = len(RELATIONS)
     longest_name = self.fragments.longest(range(self._name0, self._name0 + num_entities))
     longest_relation = self.fragments.longest(range(self._relation0, self._relation0 + num_relations))
     worst_cases = {
@@ -226,8 +244,8 @@ class LookupQA(Environment):
 
   def _facts_slots(self, state: LookupQAState, entity: Array) -> Array:
     """"e: mentor x; city y; rival z; author w." -> [num_slots]."""
-    relation = jnp.arange(len(RELATIONS))
-    separator = jnp.where(relation < len(RELATIONS) - 1, self._fact_separator, self._facts_end)
+    relation = jnp.arange(self.num_relations)
+    separator = jnp.where(relation < self.num_relations - 1, self._fact_separator, self._facts_end)
     per_relation = jnp.stack([self._relation0 + relation, jnp.full_like(relation, self._space),
                               self._name0 + state.facts[entity], separator], axis=1).reshape(-1)
     slots = jnp.concatenate([jnp.stack([self._name0 + entity, jnp.int32(self._colon)]), per_relation])
@@ -247,19 +265,21 @@ class LookupQA(Environment):
     answer = fact + [t["; the answer is "], name, t["</think>"]]
     return first, middle, answer
 
-  def _think_slots(self, state: LookupQAState, hop: Array, slip: Array) -> Array:
+  def _think_slots(self, state: LookupQAState, hop: Array, slip: Array, skip: Array) -> Array:
     """The expert's think section at chain position `hop` (searching chain[hop], or answering when hop == hops;
-    `slip`: the answer restates the misread fact, SLIP) -> [num_think_slots] fragment indices (-1 = nothing)."""
+    `slip`: the answer restates the misread fact, `slip_relations`; `skip`: it answers chain[hop], the entity just
+    read, instead of searching it) -> [num_think_slots] fragment indices (-1 = nothing)."""
     last = self.max_hops - 1
     name = lambda e: self._name0 + state.chain[e]  # noqa: E731
     relation = lambda r: self._relation0 + state.path[jnp.clip(r, 0, last)]  # noqa: E731
     before = jnp.maximum(hop - 1, 0)
-    read = jnp.where(slip, self._relation0 + SLIP[1], relation(before))
-    value = jnp.where(slip, self._name0 + state.facts[state.chain[before], SLIP[1]], name(hop))
+    misread = slip_relations(self.num_relations)[1]
+    read = jnp.where(slip, self._relation0 + misread, relation(before))
+    value = jnp.where(slip, self._name0 + state.facts[state.chain[before], misread], name(hop))
     layouts = self._think_slot_layouts(name(0), relation(0), name(before), read, value, relation(hop))
     first, middle, answer = (jnp.asarray(slots + [-1] * (self._num_think_slots - len(slots)), jnp.int32)
                              for slots in layouts)
-    return jnp.where(hop == 0, first, jnp.where(hop >= state.hops, answer, middle))
+    return jnp.where(hop == 0, first, jnp.where((hop >= state.hops) | skip, answer, middle))
 
   def _answer_slots(self, correct: Array, answer: Array) -> Array:
     """"Correct." or "Wrong, it was <answer>." -> [num_slots]."""
@@ -272,7 +292,7 @@ class LookupQA(Environment):
 
   def reset(self, key: Array, params: LookupQAParams) -> tuple[LookupQAState, Array, Array]:
     """-> (state, obs [max_obs_len] int32, obs_len)."""
-    n, max_hops, num_relations = self.num_entities, self.max_hops, len(RELATIONS)
+    n, max_hops, num_relations = self.num_entities, self.max_hops, self.num_relations
     hops = jnp.clip(jnp.asarray(params.hops, jnp.int32), 1, max_hops)
     # One draw of random bits for the whole episode: each jax.random call costs seconds of XLA compile on CPU.
     # The modulo bias of 31-bit integers reduced mod <= 48 is negligible.
@@ -315,36 +335,41 @@ class LookupQA(Environment):
     return next_state, obs, obs_len, reward, terminated, StepInfo(parsed, correct)
 
   def expert_action(self, key: Array, state: LookupQAState, params: LookupQAParams) -> tuple[Array, Array]:
-    """Search the first chain entity not searched yet, in chain order; answer once all of them are (with
-    `params.expert_slip`, a question ending in "author" is answered from the "city" fact with that probability).
-    -> (tokens [max_action_len] int32, length)."""
+    """Search the first chain entity not searched yet, in chain order; answer once all of them are. With
+    `params.expert_slip` a question ending in "author" is answered from the "city" fact with that probability; with
+    `params.expert_skip` each search after the first becomes, with that probability, an answer of the entity just
+    read. -> (tokens [max_action_len] int32, length)."""
     on_path = jnp.arange(self.max_hops) < state.hops
     to_search = on_path & ~state.searched[state.chain[:self.max_hops]]
     searching = jnp.any(to_search)
     hop = jnp.where(searching, jnp.argmax(to_search), state.hops)
     last = state.chain[jnp.clip(state.hops - 1, 0, self.max_hops - 1)]
     uniform = (jax.random.bits(key, (), jnp.uint32) >> 8).astype(jnp.float32) / (1 << 24)  # in [0, 1)
-    slip = (~searching & (state.path[jnp.clip(state.hops - 1, 0, self.max_hops - 1)] == SLIP[0])
+    misread, read_instead = slip_relations(self.num_relations)
+    slip = (~searching & (state.path[jnp.clip(state.hops - 1, 0, self.max_hops - 1)] == misread)
             & (uniform < params.expert_slip))
-    answer = jnp.where(slip, state.facts[last, SLIP[1]], state.chain[state.hops])
-    command = jnp.where(searching, state.chain[hop], self.num_entities + answer)
+    skip = searching & (hop > 0) & (uniform < params.expert_skip)
+    answer = jnp.where(slip, state.facts[last, read_instead], state.chain[state.hops])
+    answer = jnp.where(skip, state.chain[hop], answer)
+    command = jnp.where(searching & ~skip, state.chain[hop], self.num_entities + answer)
     eos = self.tokenizer.end_of_step_id
     if self.step_format == "plain":
       return self.commands.encode(command, self.max_action_len, eos)
-    think = self.fragments.compose(self._think_slots(state, hop, slip), self._max_think_len)
+    think = self.fragments.compose(self._think_slots(state, hop, slip, skip), self._max_think_len)
     return self.commands.encode(command, self.max_action_len, eos, prefix=think)
 
   def question_text(self, state: LookupQAState) -> str:
     """The question of one concrete state, as the initial observation words it (host side)."""
     s = jax.tree_util.tree_map(host_array, state)
-    relations = [RELATIONS[s.path[i]] for i in reversed(range(int(s.hops)))]
+    relations = [self.relations[s.path[i]] for i in reversed(range(int(s.hops)))]
     return f"Q: what is the {' of the '.join(relations)} of {self.entity_names[s.chain[0]]}?"
 
   def render(self, state: LookupQAState) -> str:
     s = jax.tree_util.tree_map(host_array, state)
     names, hops = self.entity_names, int(s.hops)
-    chain = names[s.chain[0]] + "".join(f" -{RELATIONS[s.path[i]]}-> {names[s.chain[i + 1]]}" for i in range(hops))
-    facts = [f"  {names[e]}: " + "; ".join(f"{r} {names[s.facts[e, j]]}" for j, r in enumerate(RELATIONS))
+    chain = names[s.chain[0]] + "".join(f" -{self.relations[s.path[i]]}-> {names[s.chain[i + 1]]}"
+                                        for i in range(hops))
+    facts = [f"  {names[e]}: " + "; ".join(f"{r} {names[s.facts[e, j]]}" for j, r in enumerate(self.relations))
              for e in s.chain[:hops]]
     searched = ", ".join(names[e] for e in np.flatnonzero(s.searched)) or "-"
     if s.answered >= 0:
