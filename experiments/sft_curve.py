@@ -10,6 +10,10 @@ runs/<name>/sft_curve.md and sft_curve.json: per length, SFT nll and token accur
 steps and seeds) and held-out success as mean ± 95% CI over seeds, with the per-seed values.
 
 --set=field=value and --regime work as in experiments/ablation.py (the base config, experiments/configs/base.py).
+
+--plain_steps=N (lookup_qa in the think format): a curriculum. Each seed first takes N SFT steps on the same
+environment's plain-format expert episodes (bare commands, the same tokenizer with its think tokens), then the
+--steps of the think format start from there; the lengths in --steps count the think-format steps only.
 """
 
 import dataclasses
@@ -47,8 +51,32 @@ def parse_steps(values) -> list[int]:
   return steps
 
 
-def sft_curve(setup: runner.Setup, steps: list[int], show: int = 0) -> list[dict]:
-  """Held-out success of each seed's warm start after each length in `steps` (one SFT run per seed, vmapped).
+def sft_keys(setup: runner.Setup):
+  return jnp.stack([jax.random.fold_in(jax.random.key(seed), 0) for seed in setup.seeds])  # as runner.warm_start
+
+
+def check_plain_start(c) -> None:
+  if c.env.name != "lookup_qa" or c.env.step_format != "think":
+    raise ValueError(f"plain_steps: a plain-format start is for lookup_qa in the think format, not {c.env.name} in "
+                     f"the {c.env.step_format} format")
+
+
+def plain_start(setup: runner.Setup, num_steps: int) -> tuple[dict, dict]:
+  """`num_steps` SFT steps per seed (vmapped) on the plain-format expert episodes of the setup's lookup_qa task, with
+  its tokenizer. -> (policy params [seeds, ...], metrics {name: [seeds, num_steps]}). One ValueError line naming
+  plain_steps where the setup is not lookup_qa in the think format."""
+  check_plain_start(setup.config)
+  plain = setup.config.copy_and_resolve_references()
+  plain.env.step_format = "plain"
+  env, env_params = runner._jax_env(plain, setup.tokenizer)
+  run = train.make_sft_run(setup.model_config, setup.sft_optim_config, env, setup.sft_rollout_config,
+                           chunk_size=min(num_steps, runner.SFT_CHUNK))
+  return run(sft_keys(setup), env_params, num_steps, setup.checkpoint_params)
+
+
+def sft_curve(setup: runner.Setup, steps: list[int], show: int = 0, start: dict | None = None) -> list[dict]:
+  """Held-out success of each seed's warm start after each length in `steps` (one SFT run per seed, vmapped), from
+  `start` (policy params [seeds, ...], one per seed, e.g. `plain_start`'s) or else from model.checkpoint / random.
 
   Returns one row per length: {"steps", "nll", "token_accuracy" (means over the steps since the previous length and
   the seeds), per-seed lists "success", "success_sampled", "invalid_rate", "episode_steps", and with show > 0
@@ -66,7 +94,6 @@ def sft_curve(setup: runner.Setup, steps: list[int], show: int = 0) -> list[dict
   greedy = jax.jit(rollout_lib.make_rollout(
       Transformer(setup.model_config), setup.env,
       dataclasses.replace(setup.rollout_config, num_tasks=max(show, 1), episodes_per_task=1, greedy=True)))
-  keys = jnp.stack([jax.random.fold_in(jax.random.key(seed), 0) for seed in setup.seeds])  # as runner.warm_start
   rows, previous = [], 0
 
   def on_chunk(done: int, metrics: dict, params: dict) -> None:
@@ -87,7 +114,10 @@ def sft_curve(setup: runner.Setup, steps: list[int], show: int = 0) -> list[dict
     previous = done
 
   history: list[dict] = []
-  run(keys, setup.env_params, steps[-1], setup.checkpoint_params, on_chunk)
+  if start is None:
+    run(sft_keys(setup), setup.env_params, steps[-1], setup.checkpoint_params, on_chunk)
+  else:
+    run(sft_keys(setup), setup.env_params, steps[-1], start, on_chunk, stacked=True)
   return rows
 
 
@@ -128,6 +158,8 @@ def _define_flags() -> None:
   flags.DEFINE_string("regime", None, "A named set of overrides (experiments/configs/presets.py REGIMES).")
   flags.DEFINE_string("runs_dir", "runs", "Root folder of all studies.")
   flags.DEFINE_integer("show", 0, "Decode the first seed's greedy episodes on this many held-out tasks at each length.")
+  flags.DEFINE_integer("plain_steps", 0, "lookup_qa think format: SFT steps on plain-format episodes first (a "
+                       "curriculum); --steps then count the think-format steps.")
 
 
 def main(argv):
@@ -139,13 +171,24 @@ def main(argv):
     config.train.seeds = FLAGS.seeds
     config.sft.steps = steps[-1]
     setup = runner.build(config)
+    if FLAGS.plain_steps < 0:
+      raise ValueError(f"plain_steps: expected an integer >= 0, got {FLAGS.plain_steps}")
+    if FLAGS.plain_steps:
+      check_plain_start(setup.config)
   except ValueError as error:
-    sys.exit(str(error) if str(error).startswith(("steps", "set", "regime")) else f"config.{error}")
+    sys.exit(str(error) if str(error).startswith(("steps", "set", "regime", "plain_steps")) else f"config.{error}")
   out_dir = os.path.join(FLAGS.runs_dir, FLAGS.name)
   os.makedirs(out_dir, exist_ok=True)
   start = time.perf_counter()
+  start_params, plain_note = None, ""
+  if FLAGS.plain_steps:
+    start_params, metrics = plain_start(setup, FLAGS.plain_steps)
+    accuracy = np.asarray(metrics["token_accuracy"])[:, -min(50, FLAGS.plain_steps):].mean(axis=1)
+    plain_note = (f" Each seed first took {FLAGS.plain_steps} SFT steps on plain-format episodes (token accuracy over "
+                  f"the last 50: {', '.join(f'{a:.3f}' for a in accuracy)}); the steps below are think-format steps.")
+    print(plain_note.strip(), flush=True)
   print(format_table([]))
-  rows = sft_curve(setup, steps, FLAGS.show)
+  rows = sft_curve(setup, steps, FLAGS.show, start_params)
   wall = time.perf_counter() - start
   c = setup.config
   command = "python experiments/sft_curve.py " + " ".join(sys.argv[1:])
@@ -153,7 +196,7 @@ def main(argv):
           f"{c.env.name} ({c.env.step_format} format), tokenizer {c.tokenizer!r}, model {c.model.num_layers} x "
           f"{c.model.hidden_size}, SFT lr {c.sft.lr}, {c.sft.num_tasks} expert episodes per step, seeds "
           f"{list(setup.seeds)}, {c.train.eval_episodes} held-out episodes per evaluation; wall time {wall:.0f} s "
-          f"(compilation included).\n\n{format_table(rows)}\n")
+          f"(compilation included).{plain_note}\n\n{format_table(rows)}\n")
   for row in rows:
     if row.get("episodes"):
       text += (f"\nGreedy held-out episodes of seed {setup.seeds[0]} after {row['steps']} SFT steps "

@@ -46,3 +46,26 @@ def test_sft_curve_scores_the_warm_start_at_each_length():
     np.testing.assert_allclose(rows[-1][key], expected[key], atol=1e-6, err_msg=key)
   assert rows[0]["nll"] > rows[1]["nll"]
   assert "| 4 |" in sft_curve.format_table(rows)
+
+
+def test_plain_format_start_then_think_format_steps():
+  """--plain_steps: each seed's think-format SFT starts from its own plain-format start: the same losses as running
+  each seed alone from its start (the shared-start path of make_sft_run, checked above), not those from scratch."""
+  config = small(steppo.get_config())
+  with pytest.raises(ValueError, match=r"^plain_steps: a plain-format start is for lookup_qa in the think format"):
+    sft_curve.plain_start(runner.build(config), 2)
+  config.env.step_format = "think"
+  config.rollout.max_action_len = 24
+  setup = runner.build(config)
+  start, plain_metrics = sft_curve.plain_start(setup, 2)
+  assert np.asarray(plain_metrics["nll"]).shape == (2, 2)
+  rows = sft_curve.sft_curve(setup, [2], start=start)
+  run = train.make_sft_run(setup.model_config, setup.sft_optim_config, setup.env, setup.sft_rollout_config,
+                           chunk_size=2)
+  keys, alone = sft_curve.sft_keys(setup), []
+  for i in range(2):
+    alone.append(run(keys[i:i + 1], setup.env_params, 2, jax.tree.map(lambda x: x[i], start))[1])
+  for key in ("nll", "token_accuracy"):
+    np.testing.assert_allclose(rows[0][key], np.mean([m[key] for m in alone]), rtol=1e-5, err_msg=key)
+  from_scratch = run(keys, setup.env_params, 2)[1]
+  assert abs(float(np.mean(from_scratch["nll"])) - rows[0]["nll"]) > 1e-3  # the plain start is where it began

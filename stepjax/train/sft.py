@@ -118,10 +118,11 @@ def make_sft_iteration(model_config: ModelConfig, optim_config: OptimConfig, env
 
 def make_sft_run(model_config: ModelConfig, optim_config: OptimConfig, env, rollout_config, *, chunk_size: int = 50,
                  compiler_options: Mapping[str, Any] | None = None) -> Callable:
-  """The SFT warm start: -> `run(keys, env_params, num_steps, policy_params=None, on_chunk=None)`.
+  """The SFT warm start: -> `run(keys, env_params, num_steps, policy_params=None, on_chunk=None, stacked=False)`.
 
   keys: [N] keys, one warm start per key, `vmap`ped in one program. policy_params: where every warm start begins
-  (e.g. an HF checkpoint); None starts each from its own random init.
+  (e.g. an HF checkpoint); None starts each from its own random init; with stacked=True they are [N, ...], one start
+  per key (e.g. the result of an earlier run).
   Runs `num_steps` of `make_sft_iteration` in jitted chunks of at most `chunk_size` steps (one `lax.scan` each, the
   state donated; chunk programs are kept, so later runs reuse them) and calls `on_chunk(steps_done, metrics, params)`
   after each chunk: metrics as host arrays [N, chunk], params the policy params [N, ...] after the chunk (valid during
@@ -131,7 +132,8 @@ def make_sft_run(model_config: ModelConfig, optim_config: OptimConfig, env, roll
   checks.check_int(chunk_size, "sft.chunk_size", 1)
   spec = StateSpec.for_sft(model_config, optim_config, compiler_options=compiler_options)
   step = make_sft_iteration(model_config, optim_config, env, rollout_config)
-  init = spec.jit(jax.vmap(lambda key, params: init_state(spec, key, params), in_axes=(0, None)))
+  init = {stacked: spec.jit(jax.vmap(lambda key, params: init_state(spec, key, params),
+                                      in_axes=(0, 0 if stacked else None))) for stacked in (False, True)}
   chunks: dict[int, Callable] = {}
 
   def chunk_program(length: int) -> Callable:
@@ -143,9 +145,11 @@ def make_sft_run(model_config: ModelConfig, optim_config: OptimConfig, env, roll
     return chunks[length]
 
   def run(keys: Array, env_params: Any, num_steps: int, policy_params: dict | None = None,
-          on_chunk: Callable[[int, dict, dict], None] | None = None) -> tuple[dict, dict]:
+          on_chunk: Callable[[int, dict, dict], None] | None = None, stacked: bool = False) -> tuple[dict, dict]:
     checks.check_int(num_steps, "sft.steps", 1)
-    return run_chunks(init(keys, policy_params), chunk_program, env_params, num_steps, chunk_size, on_chunk)
+    if policy_params is None:
+      stacked = False
+    return run_chunks(init[stacked](keys, policy_params), chunk_program, env_params, num_steps, chunk_size, on_chunk)
 
   return run
 
