@@ -126,14 +126,17 @@ def _without_timing(lines):
   return [{k: v for k, v in line.items() if k not in runner.TIMING_KEYS} for line in lines]
 
 
+@pytest.mark.drill
 def test_seeds_in_groups_match_one_program_and_resume(tmp_path):
   """train.seeds_at_once=1: the 2 seeds run one after another (each group's checkpoints in checkpoints/seeds<k>-<k>,
   its start saved as checkpoint 0), with the logs and final states of the run that vmaps both; a resume continues a
-  group that had only its start (killed before its first checkpoint) and one that had finished its part."""
+  group that had only its start (killed before its first checkpoint) and one that had finished its part.
+  A drill (`make drills`): its one-seed programs cost about a minute of compilation, which the suite has no room
+  for."""
   from test_runner_mesh import assert_same_logs  # noqa: PLC0415  (tests/ is on the path)
 
   quiet = lambda _: None  # noqa: E731
-  # small()'s config as test_resume_is_bit_identical runs it, so that the two-seed programs compile once per worker.
+  # small()'s config, as test_resume_is_bit_identical runs it.
   together = runner.run(small(steppo.get_config()), str(tmp_path / "one"), print_fn=quiet)
   runner.run(small(steppo.get_config(), seeds_at_once=1, iterations=2), str(tmp_path / "groups"), print_fn=quiet)
   checkpoints = tmp_path / "groups" / "checkpoints"

@@ -49,8 +49,9 @@ def test_sft_curve_scores_the_warm_start_at_each_length():
 
 
 def test_plain_format_start_then_think_format_steps():
-  """--plain_steps: each seed's think-format SFT starts from its own plain-format start: the same losses as running
-  each seed alone from its start (the shared-start path of make_sft_run, checked above), not those from scratch."""
+  """--plain_steps: each seed's plain-format start, then think-format SFT from it. make_sft_run with one start per
+  key (stacked) gives each key the run that starts every key from that key's start (the shared-start path, checked
+  above); all of it in the same compiled chunk program."""
   config = small(steppo.get_config())
   with pytest.raises(ValueError, match=r"^plain_steps: a plain-format start is for lookup_qa in the think format"):
     sft_curve.plain_start(runner.build(config), 2)
@@ -58,14 +59,14 @@ def test_plain_format_start_then_think_format_steps():
   config.rollout.max_action_len = 24
   setup = runner.build(config)
   start, plain_metrics = sft_curve.plain_start(setup, 2)
-  assert np.asarray(plain_metrics["nll"]).shape == (2, 2)
-  rows = sft_curve.sft_curve(setup, [2], start=start)
+  assert np.asarray(plain_metrics["nll"]).shape == (2, 2) and np.isfinite(plain_metrics["nll"]).all()
   run = train.make_sft_run(setup.model_config, setup.sft_optim_config, setup.env, setup.sft_rollout_config,
                            chunk_size=2)
-  keys, alone = sft_curve.sft_keys(setup), []
+  keys = sft_curve.sft_keys(setup)
+  params, metrics = run(keys, setup.env_params, 2, start, stacked=True)
   for i in range(2):
-    alone.append(run(keys[i:i + 1], setup.env_params, 2, jax.tree.map(lambda x: x[i], start))[1])
-  for key in ("nll", "token_accuracy"):
-    np.testing.assert_allclose(rows[0][key], np.mean([m[key] for m in alone]), rtol=1e-5, err_msg=key)
-  from_scratch = run(keys, setup.env_params, 2)[1]
-  assert abs(float(np.mean(from_scratch["nll"])) - rows[0]["nll"]) > 1e-3  # the plain start is where it began
+    shared_params, shared_metrics = run(keys, setup.env_params, 2, jax.tree.map(lambda x: x[i], start))
+    for key in ("nll", "token_accuracy"):
+      np.testing.assert_array_equal(metrics[key][i], shared_metrics[key][i], err_msg=key)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a[i], b[i]), params, shared_params)
+  assert not np.array_equal(metrics["nll"], run(keys, setup.env_params, 2)[1]["nll"])  # not from scratch
