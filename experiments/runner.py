@@ -748,6 +748,11 @@ def _make_mesh_sft_run(setup: Setup) -> Callable:
 SFT_CHUNK = 50
 
 
+def sft_keys(setup: Setup) -> jax.Array:
+  """The SFT warm start's key of every seed, [seeds] (warm_start takes the first alone without sft.per_seed)."""
+  return jnp.stack([jax.random.fold_in(jax.random.key(seed), 0) for seed in setup.seeds])
+
+
 def warm_start(setup: Setup, *, progress: bool = True, log: Callable[[dict], None] | None = None):
   """The SFT start of `setup` (`train.make_sft_run`): Transformer params, one set for every seed ([seeds, ...] stacked
   with `sft.per_seed`), or `model.checkpoint`'s params (None: a random init) when sft.steps == 0. log(line) gets one
@@ -769,7 +774,7 @@ def warm_start(setup: Setup, *, progress: bool = True, log: Callable[[dict], Non
                                            setup.sft_rollout_config, chunk_size=SFT_CHUNK)
     else:
       programs["run"] = _make_mesh_sft_run(setup)
-  keys = jnp.stack([jax.random.fold_in(jax.random.key(seed), 0) for seed in setup.seeds])
+  keys = sft_keys(setup)
   if not config.sft.per_seed:
     keys = keys[:1]
   env_params = setup.env_params

@@ -26,7 +26,6 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: `experiments.*`
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
@@ -51,10 +50,6 @@ def parse_steps(values) -> list[int]:
   return steps
 
 
-def sft_keys(setup: runner.Setup):
-  return jnp.stack([jax.random.fold_in(jax.random.key(seed), 0) for seed in setup.seeds])  # as runner.warm_start
-
-
 def check_plain_start(c) -> None:
   if c.env.name != "lookup_qa" or c.env.step_format != "think":
     raise ValueError(f"plain_steps: a plain-format start is for lookup_qa in the think format, not {c.env.name} in "
@@ -71,7 +66,7 @@ def plain_start(setup: runner.Setup, num_steps: int) -> tuple[dict, dict]:
   env, env_params = runner._jax_env(plain, setup.tokenizer)
   run = train.make_sft_run(setup.model_config, setup.sft_optim_config, env, setup.sft_rollout_config,
                            chunk_size=min(num_steps, runner.SFT_CHUNK))
-  return run(sft_keys(setup), env_params, num_steps, setup.checkpoint_params)
+  return run(runner.sft_keys(setup), env_params, num_steps, setup.checkpoint_params)
 
 
 def sft_curve(setup: runner.Setup, steps: list[int], show: int = 0, start: dict | None = None) -> list[dict]:
@@ -115,9 +110,9 @@ def sft_curve(setup: runner.Setup, steps: list[int], show: int = 0, start: dict 
 
   history: list[dict] = []
   if start is None:
-    run(sft_keys(setup), setup.env_params, steps[-1], setup.checkpoint_params, on_chunk)
+    run(runner.sft_keys(setup), setup.env_params, steps[-1], setup.checkpoint_params, on_chunk)
   else:
-    run(sft_keys(setup), setup.env_params, steps[-1], start, on_chunk, stacked=True)
+    run(runner.sft_keys(setup), setup.env_params, steps[-1], start, on_chunk, stacked=True)
   return rows
 
 

@@ -62,7 +62,7 @@ def test_plain_format_start_then_think_format_steps():
   assert np.asarray(plain_metrics["nll"]).shape == (2, 2) and np.isfinite(plain_metrics["nll"]).all()
   run = train.make_sft_run(setup.model_config, setup.sft_optim_config, setup.env, setup.sft_rollout_config,
                            chunk_size=2)
-  keys = sft_curve.sft_keys(setup)
+  keys = runner.sft_keys(setup)
   params, metrics = run(keys, setup.env_params, 2, start, stacked=True)
   for i in range(2):
     shared_params, shared_metrics = run(keys, setup.env_params, 2, jax.tree.map(lambda x: x[i], start))

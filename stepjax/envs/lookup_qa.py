@@ -158,6 +158,7 @@ class LookupQA(Environment):
     self.max_hops = max_hops
     self.num_relations = num_relations
     self.relations = RELATIONS[:num_relations]
+    self._slip = slip_relations(num_relations)  # (misread, read instead)
     self.step_format = step_format
     self.think_wording = think_wording
     self.entity_names = ENTITY_NAMES[:num_entities]
@@ -273,7 +274,7 @@ class LookupQA(Environment):
     name = lambda e: self._name0 + state.chain[e]  # noqa: E731
     relation = lambda r: self._relation0 + state.path[jnp.clip(r, 0, last)]  # noqa: E731
     before = jnp.maximum(hop - 1, 0)
-    misread = slip_relations(self.num_relations)[1]
+    misread = self._slip[1]
     read = jnp.where(slip, self._relation0 + misread, relation(before))
     value = jnp.where(slip, self._name0 + state.facts[state.chain[before], misread], name(hop))
     layouts = self._think_slot_layouts(name(0), relation(0), name(before), read, value, relation(hop))
@@ -345,7 +346,7 @@ class LookupQA(Environment):
     hop = jnp.where(searching, jnp.argmax(to_search), state.hops)
     last = state.chain[jnp.clip(state.hops - 1, 0, self.max_hops - 1)]
     uniform = (jax.random.bits(key, (), jnp.uint32) >> 8).astype(jnp.float32) / (1 << 24)  # in [0, 1)
-    misread, read_instead = slip_relations(self.num_relations)
+    misread, read_instead = self._slip
     slip = (~searching & (state.path[jnp.clip(state.hops - 1, 0, self.max_hops - 1)] == misread)
             & (uniform < params.expert_slip))
     skip = searching & (hop > 0) & (uniform < params.expert_skip)
