@@ -13,11 +13,13 @@ $(STAMP): setup.py constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,experiments,notebooks]'
 	touch $(STAMP)
 
-# The main job: SFT warm start, then StepPO vs token-level PPO vs GRPO (3 seeds each) on the embedded default
-# environment in its one-hop regime; prints the held-out results table and writes runs/demo/results.md (with the
-# paired comparison against StepPO and the training diagnostics) and curves.png.
+# The main job: one SFT warm start, then StepPO (GSPO and exact step ratio), token-level PPO (lambda 1 and 0.95) and
+# GRPO, 5 seeds each, on the embedded default environment (2-hop lookup_qa, think-format steps) with an expert that
+# stops early; prints the held-out results table and writes runs/demo/results.md (with the paired comparison against
+# StepPO and the training diagnostics) and curves.png.
 demo: $(STAMP)
-	$(PY) experiments/ablation.py --name=demo --methods=steppo,token_ppo,grpo --seeds=3 --regime=one_hop
+	$(PY) experiments/ablation.py --name=demo --methods=steppo,steppo_exact,token_ppo,token_ppo_lam95,grpo --seeds=5 \
+	    --regime=two_hop_skip
 
 # Two workers (one per core); whole files per worker so each file's compiled functions are reused.
 # --durations lists the slowest tests: the suite has a 10-minute budget on 2 cores. tests/conftest.py

@@ -110,6 +110,8 @@ class Setup:
   # unsharded programs run exactly as they always have.
   mesh: Any = None
   rules: tuple | None = None
+  # [V] SFT loss weights by token id (sft.entity_weight), None for the plain token mean.
+  sft_token_weights: Any = None
 
 
 THINK_TOKENS = ("<think>", "</think>")
@@ -469,11 +471,32 @@ def build(config: ml_collections.ConfigDict) -> Setup:
     if mesh is not None:
       _check_batches_on_mesh(config, mesh, rollout_config, update_config)
   sft_rollout_config = dataclasses.replace(rollout_config, num_tasks=config.sft.num_tasks, episodes_per_task=1)
+  sft_token_weights = entity_weights(config, env, tokenizer, model_config.vocab_size)
   seeds = tuple(range(t.seed_offset, t.seed_offset + num_seeds))
   return Setup(config=config, tokenizer=tokenizer, env=env, env_params=env_params, model_config=model_config,
                checkpoint_params=checkpoint_params, rollout_config=rollout_config, update_config=update_config,
                optim_config=optim_config, sft_optim_config=sft_optim_config, sft_rollout_config=sft_rollout_config,
-               seeds=seeds, host=host, mesh=mesh, rules=rules)
+               seeds=seeds, host=host, mesh=mesh, rules=rules, sft_token_weights=sft_token_weights)
+
+
+def entity_weights(config, env, tokenizer, vocab_size: int) -> np.ndarray | None:
+  """The SFT loss weights of `sft.entity_weight`: [V], that weight on the token of each of the environment's entity
+  names (`env.entity_names`, one token each), 1 elsewhere; None at weight 1 (the plain token mean)."""
+  weight = checks.check_number(config.sft.get("entity_weight", 1.0), "sft.entity_weight", lambda v: v > 0,
+                               "a number > 0")
+  if weight == 1.0:
+    return None
+  if not hasattr(env, "entity_names"):
+    checks.fail("sft.entity_weight", f"{weight!r} needs an environment that names its entities (lookup_qa), not "
+                f"{config.env.name!r}; use 1.0")
+  weights = np.ones(vocab_size, np.float32)
+  for name in env.entity_names:
+    ids = tokenizer.encode(name)
+    if len(ids) != 1:
+      checks.fail("sft.entity_weight", f"needs one token per entity name (tokenizer=word); {config.tokenizer!r} "
+                  f"spells {name!r} in {len(ids)}")
+    weights[ids[0]] = weight
+  return weights
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -719,7 +742,7 @@ def _make_mesh_sft_run(setup: Setup) -> Callable:
       state_lib.state_shardings(state_lib.StateSpec.for_sft(mc, oc, mesh=mesh, rules=rules)))
   trunk = _trunk_shardings(mc, mesh, rules)
   replicated = sharding_lib.replicated(mesh)
-  step = train.make_sft_iteration(mc, oc, setup.env, setup.sft_rollout_config)
+  step = train.make_sft_iteration(mc, oc, setup.env, setup.sft_rollout_config, setup.sft_token_weights)
   jit = functools.partial(sharding_lib.jit_with_rules, mesh=mesh, rules=rules)
   init = jit(jax.vmap(lambda key_data, params: _fresh_state(spec, jax.random.wrap_key_data(key_data), params),
                       in_axes=(0, None)), out_shardings=shardings)
@@ -767,11 +790,12 @@ def warm_start(setup: Setup, *, progress: bool = True, log: Callable[[dict], Non
     starts = [host_runner.warm_start(setup, seed, progress=progress, log=log) for seed in
               (setup.seeds if config.sft.per_seed else setup.seeds[:1])]
     return jax.tree.map(lambda *x: jnp.stack(x), *starts) if config.sft.per_seed else starts[0]
-  programs = _PROGRAMS.setdefault(_setup_key(setup, "sft"), {})
+  programs = _PROGRAMS.setdefault(_setup_key(setup, "sft", config.sft.get("entity_weight", 1.0)), {})
   if "run" not in programs:
     if setup.mesh is None:
       programs["run"] = train.make_sft_run(setup.model_config, setup.sft_optim_config, setup.env,
-                                           setup.sft_rollout_config, chunk_size=SFT_CHUNK)
+                                           setup.sft_rollout_config, chunk_size=SFT_CHUNK,
+                                           token_weights=setup.sft_token_weights)
     else:
       programs["run"] = _make_mesh_sft_run(setup)
   keys = sft_keys(setup)

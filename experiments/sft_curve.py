@@ -65,7 +65,7 @@ def plain_start(setup: runner.Setup, num_steps: int) -> tuple[dict, dict]:
   plain.env.step_format = "plain"
   env, env_params = runner._jax_env(plain, setup.tokenizer)
   run = train.make_sft_run(setup.model_config, setup.sft_optim_config, env, setup.sft_rollout_config,
-                           chunk_size=min(num_steps, runner.SFT_CHUNK))
+                           chunk_size=min(num_steps, runner.SFT_CHUNK), token_weights=setup.sft_token_weights)
   return run(runner.sft_keys(setup), env_params, num_steps, setup.checkpoint_params)
 
 
@@ -82,7 +82,7 @@ def sft_curve(setup: runner.Setup, steps: list[int], show: int = 0, start: dict 
   every = math.gcd(*steps)  # chunks end at every length: the largest divisor of the gcd up to the runner's chunk
   chunk = max(d for d in range(1, min(every, runner.SFT_CHUNK) + 1) if every % d == 0)
   run = train.make_sft_run(setup.model_config, setup.sft_optim_config, setup.env, setup.sft_rollout_config,
-                           chunk_size=chunk)
+                           chunk_size=chunk, token_weights=setup.sft_token_weights)
   evaluate = jax.jit(jax.vmap(train.make_evaluate(setup.model_config, setup.env, setup.rollout_config,
                                                   c.train.eval_episodes), in_axes=(0, None, None)))
   eval_key = jax.random.key(c.train.eval_seed)

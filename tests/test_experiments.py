@@ -79,7 +79,7 @@ def test_one_hop_regime_is_the_first_release_main_job():
   setup = runner.build(presets.with_regime(steppo.get_config(), "one_hop"))
   assert (setup.config.env.step_format, setup.config.env.hops, setup.rollout_config.max_len) == ("plain", 1, 128)
   assert "<think>" not in setup.tokenizer.special_ids and setup.env.max_action_len <= 6
-  with pytest.raises(ValueError, match=r"^regime: unknown 'two_hop'; allowed: one_hop"):
+  with pytest.raises(ValueError, match=r"^regime: unknown 'two_hop'; allowed: two_hop_skip, one_hop"):
     presets.with_regime(steppo.get_config(), "two_hop")
 
 
@@ -94,6 +94,7 @@ def test_one_hop_regime_is_the_first_release_main_job():
     ("env.expert_slip", 1.5, r"^env\.expert_slip: must be in \[0, 1\]"),
     ("env.expert_skip", -0.1, r"^env\.expert_skip: must be in \[0, 1\]"),
     ("env.num_relations", 5, r"^env\.num_relations: expected 1 \.\.\. 4, got 5"),
+    ("sft.entity_weight", 0.0, r"^sft\.entity_weight: must be a number > 0, got 0\.0"),
     ("model.preset", "gpt5", r"^model\.preset: unknown 'gpt5'; allowed: " + ", ".join(PRESETS) + r" \(or model"),
     ("model.checkpoint", "/nonexistent/ckpt", r"^model\.checkpoint: /nonexistent/ckpt is not a directory"),
     ("tokenizer", "gpt2", r"^tokenizer: 'gpt2' is not allowed"),
@@ -110,6 +111,27 @@ def test_bad_config_is_one_line_naming_the_field(field, value, message):
   with pytest.raises(ValueError, match=message) as error:
     runner.build(config)
   assert "\n" not in str(error.value)
+
+
+def test_entity_weight_marks_each_entity_token():
+  config = base.get_config()
+  config.sft.entity_weight = 10.0
+  setup = runner.build(config)
+  weights = setup.sft_token_weights
+  ids = [setup.tokenizer.encode(name)[0] for name in setup.env.entity_names]
+  assert len(setup.env.entity_names) == 16 and weights.shape == (setup.model_config.vocab_size,)
+  assert np.all(weights[ids] == 10.0) and np.sum(weights != 1.0) == 16
+  assert runner.build(base.get_config()).sft_token_weights is None  # weight 1: the plain token mean
+  config.env.name = "grid_nav"
+  with pytest.raises(ValueError, match=r"^sft\.entity_weight: 10\.0 needs an environment that names its entities "
+                     r"\(lookup_qa\), not 'grid_nav'; use 1\.0$"):
+    runner.build(config)
+  config = base.get_config()
+  config.sft.entity_weight = 10.0
+  config.tokenizer, config.env.step_format = "byte", "plain"
+  with pytest.raises(ValueError, match=r"^sft\.entity_weight: needs one token per entity name \(tokenizer=word\); "
+                     r"'byte' spells 'Zorva' in 5$"):
+    runner.build(config)
 
 
 def test_resume_without_checkpoint_is_one_line(tmp_path):
@@ -254,10 +276,11 @@ def test_paper_grid_builds_every_study():
   and a second environment are in it, and the ablation variants run where steps are long."""
   studies = ablation.grid_studies("paper", ["train.seeds=1"], progress=False)
   by_name = {study["name"]: setups for study, setups in studies}
-  assert set(by_name) == {"one_hop", "two_hop_think", "grid_nav"}
+  assert set(by_name) == {"two_hop_skip", "grid_nav"}
   assert {setup.config.env.name for setups in by_name.values() for setup in setups} == {"lookup_qa", "grid_nav"}
-  assert by_name["one_hop"][0].config.env.hops == 1 and by_name["two_hop_think"][0].config.env.hops == 2
-  assert [s.config.name for s in by_name["two_hop_think"]] == list(presets.METHODS) + list(presets.VARIANTS)
+  demo = by_name["two_hop_skip"][0].config  # the demo task: the regime make demo runs
+  assert (demo.env.hops, demo.env.step_format, demo.env.expert_skip, demo.sft.entity_weight) == (2, "think", 0.6, 10)
+  assert [s.config.name for s in by_name["two_hop_skip"]] == list(presets.METHODS) + list(presets.VARIANTS)
   assert all(s.config.train.seeds == 3 for setups in by_name.values() for s in setups)  # the study's seeds win
   with pytest.raises(ValueError, match=r"^preset: unknown 'papr'; allowed: paper"):
     ablation.grid_studies("papr", [])

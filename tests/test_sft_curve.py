@@ -16,7 +16,7 @@ def test_study_overrides_regime_then_sets():
   overrides = configs.study_overrides("one_hop", ["rollout.max_len=96", "sft.per_seed=true", "algo.kl_kind=k1"])
   assert overrides["rollout.max_len"] == 96 and overrides["env.hops"] == 1
   assert overrides["sft.per_seed"] is True and overrides["algo.kl_kind"] == "k1"
-  with pytest.raises(ValueError, match=r"^regime: unknown 'two_hop'; allowed: one_hop"):
+  with pytest.raises(ValueError, match=r"^regime: unknown 'two_hop'; allowed: two_hop_skip, one_hop"):
     configs.study_overrides("two_hop", [])
   with pytest.raises(ValueError, match=r"^set: expected field=value, got 'sft.steps'"):
     configs.study_overrides(None, ["sft.steps"])

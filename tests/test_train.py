@@ -456,10 +456,37 @@ def test_sft_loss_ignores_non_action_targets():
   assert float(loss_and_grad(logits, other)[0]) != float(loss)
 
 
+def _tally_rollout():
+  return rollout.RolloutConfig(num_tasks=4, episodes_per_task=2, max_steps=5, max_len=96, max_action_len=6,
+                               stop_ids=(TOK.end_of_step_id, TOK.eos_id), pad_id=TOK.pad_id)
+
+
+def test_weighted_sft_loss_matches_a_numpy_reference():
+  batch = _batch()  # ragged action masks
+  rng = np.random.default_rng(1)
+  logits = rng.normal(size=(B, L, VOCAB)).astype(np.float32)
+  weights = rng.uniform(0.0, 5.0, size=VOCAB).astype(np.float32)
+  loss, metrics = jax.jit(train.sft_loss, compiler_options=FAST)(jnp.asarray(logits), batch, jnp.asarray(weights))
+  tokens, mask = np.asarray(batch.tokens), np.asarray(batch.action_mask)
+  num = den = nll_sum = 0.0
+  for b in range(B):
+    for p in range(1, L):
+      if mask[b, p]:
+        z = logits[b, p - 1].astype(np.float64)
+        nll = np.log(np.exp(z - z.max()).sum()) + z.max() - z[tokens[b, p]]
+        num, den, nll_sum = num + weights[tokens[b, p]] * nll, den + weights[tokens[b, p]], nll_sum + nll
+  np.testing.assert_allclose(float(loss), num / den, rtol=1e-5)
+  np.testing.assert_allclose(float(metrics["nll"]), nll_sum / mask[:, 1:].sum(), rtol=1e-5)  # unweighted either way
+  ones, _ = train.sft_loss(jnp.asarray(logits), batch, jnp.ones(VOCAB))
+  np.testing.assert_allclose(float(ones), float(train.sft_loss(jnp.asarray(logits), batch)[0]), rtol=1e-6)
+  for bad in (np.ones(VOCAB + 1), -np.ones(VOCAB), np.zeros(VOCAB), np.full(VOCAB, np.nan)):
+    with pytest.raises(ValueError, match=rf"sft.token_weights: expected \[{VOCAB}\] finite non-negative"):
+      train.make_sft_iteration(MODEL, train.OptimConfig(actor_lr=1e-3), TallyEnv(TOK), _tally_rollout(), bad)
+
+
 def test_sft_warm_start_on_expert_episodes():
   env = TallyEnv(TOK)
-  config = rollout.RolloutConfig(num_tasks=4, episodes_per_task=2, max_steps=5, max_len=96, max_action_len=6,
-                                 stop_ids=(TOK.end_of_step_id, TOK.eos_id), pad_id=TOK.pad_id)
+  config = _tally_rollout()
   optim = train.OptimConfig(actor_lr=3e-3)
   run = train.make_sft_run(MODEL, optim, env, config, chunk_size=4, compiler_options=FAST)
   params, history = run(jax.random.key(3)[None], env.default_params(), 8, _random_trunk(2))

@@ -155,7 +155,10 @@ def get_config() -> ml_collections.ConfigDict:
   ))
 
   # SFT warm start on scripted-expert episodes (steps=0 starts RL from the random or loaded model).
-  c.sft = ml_collections.ConfigDict(dict(steps=300, num_tasks=32, lr=3e-3, per_seed=False))
+  # entity_weight: the SFT loss weight of the action tokens that name one of the environment's entities (lookup_qa's
+  # names: what a think span and a command copy from the question and the fact lines), against 1 for every other
+  # action token; > 1 makes the few copied tokens count beside the think text around them (docs/results.md).
+  c.sft = ml_collections.ConfigDict(dict(steps=300, num_tasks=32, lr=3e-3, per_seed=False, entity_weight=1.0))
 
   c.train = ml_collections.ConfigDict(dict(
       iterations=30,

@@ -108,6 +108,16 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 # Named regimes: field overrides for a whole study (`experiments/ablation.py --regime=NAME`; --set wins over them).
 REGIMES: dict[str, dict[str, object]] = {
+    # The main job (`make demo`): the lookup_qa preset (2-hop questions, think-format steps of 17-24 tokens, the
+    # reward at the end) with an imperfect expert whose mistake is a decision, not a copy: after reading the first
+    # fact it stops and answers the entity it just read 60% of the time ("Zorva has mentor Kalin; the answer is
+    # Kalin"), so SFT learns to stop early (its greedy start fails every held-out question) while every copy it
+    # demonstrates is right. The SFT loss weights the entity tokens 10x, so the copies are learned in 400 steps
+    # instead of 600-1,200 (docs/results.md, "The main job's regime").
+    "two_hop_skip": {
+        "env.expert_skip": 0.6, "sft.entity_weight": 10.0, "sft.steps": 400,
+        "train.iterations": 16, "train.eval_every": 8, "train.eval_episodes": 128,
+    },
     # The first release's main job: one-hop lookup_qa, plain commands of 2-3 tokens, 2 steps an episode. Cheap
     # (make demo fits in minutes on 2 CPU cores), but a step and its tokens are nearly the same thing there.
     "one_hop": {
@@ -155,24 +165,22 @@ METHODS = ("steppo", "steppo_exact", "token_ppo", "token_ppo_lam95", "grpo", "rl
 
 # Grids of studies (`experiments/ablation.py --preset=NAME`): each study is one environment's `run_study` (one SFT
 # start shared by its methods) with its own overrides; --set applies to every study and wins over them.
-# Sized for about an hour on a 2-core CPU (an RL iteration of 32 episodes per seed: ~0.3 s one-hop, ~1.6 s 2-hop,
-# ~6.4 s grid_nav); its one run took 96 minutes there, its first two studies beside other jobs (docs/results.md).
+# Sized for about an hour on a 2-core CPU (an RL iteration of 32 episodes per seed: ~1.1 s 2-hop, ~6.4 s grid_nav;
+# docs/results.md has its run). The earlier grid's one-hop and perfect-expert 2-hop studies are `--regime=one_hop`
+# and the lookup_qa preset with `--sft_steps=1200`; their results stay in docs/results.md.
 GRIDS: dict[str, tuple[dict, ...]] = {
     "paper": (
-        {"name": "one_hop", "regime": "one_hop", "methods": METHODS, "seeds": 3,
-         "sets": {"train.iterations": 30, "train.eval_every": 10},
-         "why": "The demo task (`make demo`): one-hop lookup_qa, plain commands of 2-3 tokens, 2 steps an episode; "
-                "cheap, and its SFT start leaves room, but a step and its tokens are nearly the same thing."},
-        {"name": "two_hop_think", "methods": METHODS + tuple(VARIANTS), "seeds": 3,
-         "sets": {"sft.steps": 1200, "train.iterations": 12, "train.eval_every": 6, "train.eval_episodes": 128},
-         "why": "The paper's regime (every config's default): 2-hop lookup_qa in the think format, 3 steps of 17-24 "
-                "tokens, the reward at the end; 1,200 SFT steps, past the jump where the fact-line copy forms. The "
-                "ablations run here, where steps are long enough for step and token credit to differ."},
+        {"name": "two_hop_skip", "regime": "two_hop_skip", "methods": METHODS + tuple(VARIANTS), "seeds": 3,
+         "sets": {},
+         "why": "The demo task (`make demo`, the regime two_hop_skip): 2-hop lookup_qa in the think format, 3 steps "
+                "of 17-24 tokens, the reward at the end, from an SFT start that learned an expert's wrong decision "
+                "(stop after the first fact). The 8 methods and the ablations, where steps are long and one "
+                "decision inside a step decides the reward."},
         {"name": "grid_nav", "methods": METHODS, "seeds": 3,
          "sets": {"env.name": "grid_nav", "env.size": 4, "env.step_format": "plain", "rollout.max_len": 640,
                   "rollout.max_action_len": 8, "model.max_position_embeddings": 640, "sft.steps": 200,
                   "train.iterations": 4, "train.eval_every": 2, "train.eval_episodes": 64},
          "why": "A second environment: grid_nav on a 4 x 4 grid with a key, plain moves (6 byte tokens), ~5 steps an "
-                "episode, ~460-token contexts; its RL iteration costs ~20x the one-hop one here, so few iterations."},
+                "episode, ~460-token contexts; its RL iteration costs ~6x the 2-hop one here, so few iterations."},
     ),
 }

@@ -34,24 +34,33 @@ from stepjax.types import EpisodeBatch
 Array = Any
 
 
-def sft_loss(logits: Array, batch: EpisodeBatch) -> tuple[Array, dict]:
+def sft_loss(logits: Array, batch: EpisodeBatch, token_weights: Array | None = None) -> tuple[Array, dict]:
   """Cross-entropy on action tokens only. logits [B, L, V] (position p predicts token p + 1) -> (loss [], metrics).
 
   Prompt, observation and padding tokens carry no loss: their targets do not reach the loss or its gradient.
+  token_weights: None (every action token counts once: the token mean) or [V] non-negative weights by target token
+  id: the loss is then the weighted mean over action tokens, sum(w * nll) / sum(w) (e.g. the few entity tokens an
+  episode copies from its context weighted above the think text around them). metrics: nll and token_accuracy
+  are the unweighted token means either way.
   """
   logp = losses.shifted_logprobs(logits, batch.tokens)
   nll = -losses.aggregate(logp, batch.action_mask, mode="token-mean")
+  loss = nll
+  if token_weights is not None:
+    weights = jnp.asarray(token_weights, logp.dtype)[batch.tokens] * batch.action_mask
+    loss = -jnp.sum(weights * logp) / jnp.maximum(jnp.sum(weights), 1e-8)
   predicted = jnp.pad(jnp.argmax(logits[:, :-1], axis=-1), ((0, 0), (1, 0)))
   accuracy = segments.masked_mean(predicted == batch.tokens, batch.action_mask)
-  return nll, {"nll": jax.lax.stop_gradient(nll), "token_accuracy": accuracy}
+  return loss, {"nll": jax.lax.stop_gradient(nll), "token_accuracy": accuracy}
 
 
-def _sft_step(spec: StateSpec, state: TrainState, batch: EpisodeBatch) -> tuple[TrainState, dict]:
+def _sft_step(spec: StateSpec, state: TrainState, batch: EpisodeBatch,
+              token_weights: Array | None = None) -> tuple[TrainState, dict]:
   module = Transformer(spec.model)
 
   def loss_fn(params, batch):
     logits, _, _ = module.apply({"params": params["policy"]}, batch.tokens)
-    return sft_loss(logits, batch)
+    return sft_loss(logits, batch, token_weights)
 
   params, opt_state, finite, loss, grad_norm, metrics = guarded_step(make_optimizer(spec.optim), loss_fn,
                                                                      state.params, state.opt_state, batch)
@@ -100,24 +109,36 @@ def make_sft_update(model_config: ModelConfig, optim_config: OptimConfig, *, mes
   return update
 
 
-def make_sft_iteration(model_config: ModelConfig, optim_config: OptimConfig, env,
-                       rollout_config) -> Callable[[TrainState, Any], tuple[TrainState, dict]]:
+def make_sft_iteration(model_config: ModelConfig, optim_config: OptimConfig, env, rollout_config,
+                       token_weights: Any = None) -> Callable[[TrainState, Any], tuple[TrainState, dict]]:
   """-> `step(state, env_params) -> (state, metrics)`: one pure SFT step on a fresh batch of scripted-expert
-  episodes (the rollout key is split off `state.rng`). state: from `init_sft_state`. metrics: `make_sft_update`'s."""
+  episodes (the rollout key is split off `state.rng`). state: from `init_sft_state`. metrics: `make_sft_update`'s.
+  token_weights: None or [V] loss weights by token id (`sft_loss`)."""
   spec = StateSpec.for_sft(model_config, optim_config)
   check_env_rollout(env, rollout_config, model_config, "sft.rollout")
+  if token_weights is not None:
+    token_weights = check_token_weights(token_weights, model_config.vocab_size)
   expert = rollout_lib.make_rollout(Transformer(model_config), env, rollout_config, actor="expert")
 
   def step(state: TrainState, env_params: Any) -> tuple[TrainState, dict]:
     rng, rollout_key = jax.random.split(state.key)
     batch, _ = expert(state.params["policy"], env_params, rollout_key)
-    return _sft_step(spec, state.replace(rng=raw_key(rng)), batch)
+    return _sft_step(spec, state.replace(rng=raw_key(rng)), batch, token_weights)
 
   return step
 
 
+def check_token_weights(token_weights: Any, vocab_size: int, field: str = "sft.token_weights") -> np.ndarray:
+  """[V] finite, non-negative loss weights by token id, not all 0 -> float32 numpy; else one line naming `field`."""
+  weights = np.asarray(token_weights, np.float32)
+  if weights.shape != (vocab_size,) or not np.all(np.isfinite(weights)) or np.any(weights < 0) or not weights.any():
+    checks.fail(field, f"expected [{vocab_size}] finite non-negative weights (one per token id), not all 0; got "
+                f"shape {weights.shape}")
+  return weights
+
+
 def make_sft_run(model_config: ModelConfig, optim_config: OptimConfig, env, rollout_config, *, chunk_size: int = 50,
-                 compiler_options: Mapping[str, Any] | None = None) -> Callable:
+                 compiler_options: Mapping[str, Any] | None = None, token_weights: Any = None) -> Callable:
   """The SFT warm start: -> `run(keys, env_params, num_steps, policy_params=None, on_chunk=None, stacked=False)`.
 
   keys: [N] keys, one warm start per key, `vmap`ped in one program. policy_params: where every warm start begins
@@ -127,11 +148,11 @@ def make_sft_run(model_config: ModelConfig, optim_config: OptimConfig, env, roll
   state donated; chunk programs are kept, so later runs reuse them) and calls `on_chunk(steps_done, metrics, params)`
   after each chunk: metrics as host arrays [N, chunk], params the policy params [N, ...] after the chunk (valid during
   the call only: the next chunk donates them; e.g. evaluate the warm start at several lengths in one run). Returns (policy params stacked [N, ...], metrics {name: [N, num_steps]}).
-  The result does not depend on chunk_size.
+  The result does not depend on chunk_size. token_weights: None or [V] loss weights by token id (`sft_loss`).
   """
   checks.check_int(chunk_size, "sft.chunk_size", 1)
   spec = StateSpec.for_sft(model_config, optim_config, compiler_options=compiler_options)
-  step = make_sft_iteration(model_config, optim_config, env, rollout_config)
+  step = make_sft_iteration(model_config, optim_config, env, rollout_config, token_weights)
   init = {stacked: spec.jit(jax.vmap(lambda key, params: init_state(spec, key, params),
                                       in_axes=(0, 0 if stacked else None))) for stacked in (False, True)}
   chunks: dict[int, Callable] = {}
