@@ -656,13 +656,31 @@ def _make_programs(setup: Setup, per_seed_params: bool) -> dict[str, Callable]:
   def init(key, policy_params):
     return train.init_train_state(mc, uc, oc, key, policy_params)
 
-  evaluate = train.make_evaluate(mc, env, rc, t.eval_episodes)
   params_axis = 0 if per_seed_params else None
   return {
       "init": jax.jit(jax.vmap(init, in_axes=(0, params_axis))),
       "chunk": jax.jit(jax.vmap(chunk, in_axes=(0, None)), donate_argnums=0),
-      "evaluate": jax.jit(jax.vmap(evaluate, in_axes=(0, None, None))),
+      "evaluate": _evaluate_program(setup),
   }
+
+
+def _evaluation_key(setup: Setup) -> tuple:
+  """What the held-out evaluation depends on: the environment, the model, the rollout and train.eval_episodes, not
+  the method, so every method of a study shares one compiled evaluation."""
+  c = setup.config
+  return ("evaluate", str(c.env), str(c.tokenizer), str(c.special_tokens), str(c.chat), setup.model_config,
+          setup.rollout_config, c.train.eval_episodes, c.train.eval_seed)
+
+
+def _evaluate_program(setup: Setup) -> Callable:
+  """The vmapped, jitted `train.make_evaluate` of `setup` (one device), kept in _PROGRAMS under `_evaluation_key`. A
+  method whose policy params carry a value head is another input structure, which jit compiles apart."""
+  programs = _PROGRAMS.setdefault(_evaluation_key(setup), {})
+  if "evaluate" not in programs:
+    evaluate = train.make_evaluate(setup.model_config, setup.env, setup.rollout_config,
+                                   setup.config.train.eval_episodes)
+    programs["evaluate"] = jax.jit(jax.vmap(evaluate, in_axes=(0, None, None)))
+  return programs["evaluate"]
 
 
 def _fresh_state(spec: state_lib.StateSpec, key, policy_params: dict | None) -> train.TrainState:
@@ -1003,7 +1021,8 @@ def _train_seeds(setup: Setup, workdir: str, checkpoint_dir: str, *, resume: boo
     raise
   try:
     if iteration == 0 and not any(line["iteration"] == 0 for line in earlier_evals):  # the start's evaluation
-      _evaluate(programs, state, setup, env_params, eval_key, iteration, env_steps, logger)
+      _evaluate(programs, state, setup, env_params, eval_key, iteration, env_steps, logger,
+                start=sft_params if setup.mesh is None else None)
     chunks_done = iteration // t.eval_every
     while iteration < t.iterations:
       start = time.perf_counter()
@@ -1098,8 +1117,17 @@ def _is_stacked(params: dict, setup: Setup) -> bool:
 
 
 def _evaluate(programs, state, setup: Setup, env_params, eval_key, iteration: int, env_steps: np.ndarray,
-              logger: Logger) -> dict:
-  metrics = jax.device_get(programs["evaluate"](state.params["policy"], env_params, eval_key))
+              logger: Logger, start: Any = None) -> dict:
+  """Evaluates the policy of `state` held out and logs it. start: the SFT params the state began from (the start's
+  evaluation): the methods of a study share one start, so its evaluation is computed once and reused while the same
+  params object is passed in (the same params, program and key give the same numbers)."""
+  memo = _PROGRAMS.setdefault(_evaluation_key(setup) + (setup.seeds,), {}) if start is not None else {}
+  if memo.get("start") is start and start is not None:
+    metrics = memo["metrics"]
+  else:
+    metrics = jax.device_get(programs["evaluate"](state.params["policy"], env_params, eval_key))
+    if start is not None:
+      memo.update(start=start, metrics=metrics)
   lines = _eval_lines(metrics, setup.seeds, iteration, env_steps)
   logger.jsonl("eval.jsonl", lines)
   for line in lines:

@@ -224,7 +224,15 @@ def test_ablation_tiny_grid_writes_results(tmp_path, monkeypatch):
   monkeypatch.setattr(runner, "build", lambda config: pytest.fail("run_study rebuilt a setup it was given"))
   with pytest.raises(ValueError, match=r"^baseline: 'ppo' is not among the methods \['steppo', 'grpo'\]"):
     ablation.run_study("tiny", setups, str(tmp_path), baseline="ppo")  # refused before anything runs
+  # One compiled evaluation for every method of the study, and the shared start evaluated once.
+  runner._PROGRAMS.clear()  # programs built by earlier tests would hold the evaluation uncounted
+  assert runner._evaluate_program(setups[0]) is runner._evaluate_program(setups[1])
+  calls = []
+  shared = runner._evaluate_program(setups[0])
+  runner._PROGRAMS[runner._evaluation_key(setups[0])]["evaluate"] = lambda *a: calls.append(1) or shared(*a)
   out = ablation.run_study("tiny", setups, str(tmp_path), baseline="steppo", print_fn=printed.append)
+  t = setups[0].config.train
+  assert len(calls) == 1 + 2 * (t.iterations // t.eval_every)
   study = tmp_path / "tiny"
   for name in ("results.md", "results.csv", "curves.png", "records.json", "paired.csv"):
     assert (study / name).exists(), name
