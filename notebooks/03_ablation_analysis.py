@@ -20,8 +20,9 @@
 #
 # **Which study.** Set `STEPJAX_STUDY` to a study folder (e.g. `runs/demo` after `make demo`). Without it the
 # notebook reads `notebooks/data/demo/`: a copy of the files `make demo` wrote on the project's 2-core CPU machine
-# (StepPO, token-level PPO and GRPO, 3 seeds each, lookup_qa one-hop regime; the table in the README). That copy
-# is what the committed outputs show.
+# (StepPO with the GSPO and the exact step ratio, token-level PPO at lambda 1 and 0.95, and GRPO, 5 seeds each, on
+# 2-hop lookup_qa in the think format with an expert that stops early; the table in the README). That copy is what
+# the committed outputs show.
 #
 # **Runtime.** About 1 s and 85 MB of RAM (peak RSS) on the project's 2-core CPU machine; there is nothing to
 # accelerate.
@@ -199,7 +200,10 @@ fig.tight_layout()
 plt.show()
 
 # %% [markdown]
-# **Reading it (the shipped demo study).** The methods' curves and CIs overlap: at this budget RL barely moves
-# held-out greedy success above the SFT start, as the README says. The critic's explained variance tells whether
-# a critic method's baseline is informative; the advantage-by-step panel shows how much signal each estimator gives
-# each step (in the one-hop regime, step 0 is the search and step 1 the answer; later slots are empty).
+# **Reading it (the shipped demo study).** Every method lifts held-out greedy success from the SFT start's 0.000
+# (it stops after the first fact) to 0.50-0.60, and the paired differences against StepPO in final greedy success
+# all span 0; the curves show that StepPO and token PPO at lambda 0.95 got there more slowly. The critic's explained
+# variance tells whether a critic method's baseline is informative (here: not yet, about 0 everywhere); the
+# advantage-by-step panel shows how much signal each estimator gives each step. Step 0 is the first search, step 1
+# holds the decision (follow the chain or answer), step 2 the answer; token-level lambda 0.95 gives the first two the
+# least.
