@@ -83,8 +83,7 @@ def sft_curve(setup: runner.Setup, steps: list[int], show: int = 0, start: dict 
   chunk = max(d for d in range(1, min(every, runner.SFT_CHUNK) + 1) if every % d == 0)
   run = train.make_sft_run(setup.model_config, setup.sft_optim_config, setup.env, setup.sft_rollout_config,
                            chunk_size=chunk, token_weights=setup.sft_token_weights)
-  evaluate = jax.jit(jax.vmap(train.make_evaluate(setup.model_config, setup.env, setup.rollout_config,
-                                                  c.train.eval_episodes), in_axes=(0, None, None)))
+  evaluate = runner._evaluate_program(setup)  # the studies' held-out evaluation, vmapped over seeds
   eval_key = jax.random.key(c.train.eval_seed)
   greedy = jax.jit(rollout_lib.make_rollout(
       Transformer(setup.model_config), setup.env,
